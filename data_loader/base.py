@@ -1,0 +1,60 @@
+"""What every dataloader type shares (SPEC 5, loader semantics).
+
+A loader is built from its config block's args plus a `LoaderRuntime` (rank, world size, seed).
+It yields batches `(views, labels)`: `views` a list of `n_augs` float tensors `[b, 3, H, W]` (one per
+view, in view order) and `labels` an int64 tensor `[b]`, with b = batch_size / world_size (the
+config's `batch_size` is the global batch).
+
+Training loaders (`train: true` with shuffling) drop the last partial batch and run the same number
+of steps on every process; evaluation loaders yield every sample exactly once across processes,
+process r holding a contiguous part of the dataset so that gathering in rank order restores the
+dataset order. `set_epoch(e)` reshuffles: the order and the augmentations of epoch e depend only on
+(seed, e, rank), so a resumed run sees the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from utils.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderRuntime:
+    """The program's part of a loader's arguments."""
+
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+
+
+def per_process_batch(batch_size: int, world_size: int, path: str = "batch_size") -> int:
+    """The per-process batch; a global batch that the process count does not divide is an error."""
+    if batch_size < 1 or batch_size % world_size != 0:
+        raise ConfigError(f"{path}: {batch_size} (the global batch) does not divide by the {world_size} processes")
+    return batch_size // world_size
+
+
+def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, epoch, rank)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 10_007 + rank) % (2**63 - 1))
+
+
+def eval_shard(n: int, rank: int, world_size: int) -> range:
+    """The contiguous part of n evaluation samples that process `rank` handles (all n are covered
+    exactly once; later processes may hold one fewer)."""
+    per = math.ceil(n / world_size)
+    return range(min(rank * per, n), min((rank + 1) * per, n))
+
+
+def train_indices(n: int, global_batch: int, epoch_gen: torch.Generator, rank: int, world_size: int,
+                  shuffle: bool) -> list[torch.Tensor]:
+    """The local sample indices of every training step of one epoch: the same global permutation
+    on every process, `n // global_batch` full steps, each process its slice of each global batch."""
+    order = torch.randperm(n, generator=epoch_gen) if shuffle else torch.arange(n)
+    local = global_batch // world_size
+    steps = n // global_batch
+    return [order[s * global_batch + rank * local: s * global_batch + (rank + 1) * local] for s in range(steps)]

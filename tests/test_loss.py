@@ -1,0 +1,146 @@
+"""The losses against direct computations written from SPEC 1-2 (GroCo on top of diffsort)."""
+
+import diffsort
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.loss import GroCo, NT_Xent, NT_XentAllCombinations, NT_XentWithMoreNegatives
+from model.sorting import relaxed_sort
+
+
+def spec_groco(z, n_pos, k, s, stop_grad):
+    """SPEC 1 step by step: full similarity matrix, top-k, diffsort's network, torch BCELoss."""
+    bce = torch.nn.BCELoss()
+    cos = torch.nn.CosineSimilarity(dim=1, eps=1e-8)
+    total = 0
+    for a in range(len(z)):
+        anchor = z[a]
+        positives = [z[p] for p in range(n_pos) if p != a]
+        pos = torch.stack([cos(anchor, p.detach() if stop_grad else p) for p in positives], dim=1)
+        normed = anchor / anchor.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        negatives = normed.detach() if stop_grad else normed
+        sim = normed @ negatives.T
+        sim = sim.masked_fill(torch.eye(len(anchor), dtype=torch.bool), -float("inf"))
+        pos, _ = torch.sort(pos, dim=1)
+        neg = torch.flip(torch.topk(sim, k, dim=1).values, dims=[1])
+        scores = torch.cat((neg, pos), dim=1)
+        n = scores.shape[1]
+        sorter = diffsort.DiffSortNet("odd_even", n, steepness=s, distribution="cauchy")
+        _, perm = sorter(scores)
+        target = torch.eye(n).expand(len(anchor), n, n)
+        pred_neg = perm[:, :, :k].sum(2, keepdim=True).clip(0, 1)
+        pred_pos = perm[:, :, k:].sum(2, keepdim=True).clip(0, 1)
+        target_neg = target[:, :, :k].sum(2, keepdim=True).clip(0, 1)
+        target_pos = target[:, :, k:].sum(2, keepdim=True).clip(0, 1)
+        total = total + (bce(pred_pos, target_pos) + bce(pred_neg, target_neg)) / 2
+    return total / len(z)
+
+
+def _views(n_views, batch=24, dim=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(batch, dim, generator=gen)
+    return [(base + 0.8 * torch.randn(batch, dim, generator=gen)).requires_grad_() for _ in range(n_views)]
+
+
+def _value_and_grads(fn, views):
+    loss = fn(views)
+    grads = torch.autograd.grad(loss, views)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("n_views,n_pos", [(2, 2), (3, 3), (4, 4), (8, 2)])
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_groco_equals_spec_definition(n_views, n_pos, stop_grad):
+    views = _views(n_views)
+    ours = GroCo(n_augs=n_views, n_pos_augs=n_pos, topk_neg=10, steepness=1.0, stop_grad=stop_grad)
+    loss, grads = _value_and_grads(lambda v: ours(v)[0], views)
+    ref_loss, ref_grads = _value_and_grads(lambda v: spec_groco(v, n_pos, 10, 1.0, stop_grad), views)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+
+
+def test_groco_other_steepness_and_k():
+    views = _views(2, batch=40)
+    loss, grads = _value_and_grads(lambda v: GroCo(n_augs=2, topk_neg=5, steepness=4.0)(v)[0], views)
+    ref_loss, ref_grads = _value_and_grads(lambda v: spec_groco(v, 2, 5, 4.0, True), views)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+
+
+def test_groco_info_and_ordering_signal():
+    """Well-separated positives give a lower loss and a positive pos-neg gap."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(32, 16, generator=gen)
+    close = [base + 0.01 * torch.randn(32, 16, generator=gen) for _ in range(2)]
+    far = [torch.randn(32, 16, generator=gen) for _ in range(2)]
+    loss_close, info = GroCo(n_augs=2)(close)
+    loss_far, _ = GroCo(n_augs=2)(far)
+    assert loss_close < loss_far
+    assert info["info_pos_neg_dist"] > 0
+    assert set(info) == {"info_pos_max", "info_pos_min", "info_neg_max", "info_neg_min", "info_pos_neg_dist"}
+
+
+def test_groco_rejects_small_batch_and_wrong_view_count():
+    with pytest.raises(ValueError, match="global batch of at least 11"):
+        GroCo(n_augs=2, topk_neg=10)(_views(2, batch=8))
+    with pytest.raises(ValueError, match="expects 3 views"):
+        GroCo(n_augs=3)(_views(2))
+
+
+def test_relaxed_sort_equals_diffsort():
+    x = torch.randn(16, 12, dtype=torch.float64)
+    sorter = diffsort.DiffSortNet("odd_even", 12, steepness=2.0, distribution="cauchy")
+    sorter.sorting_network = [[m.double() for m in layer] for layer in sorter.sorting_network]
+    ref_sorted, ref_perm = sorter(x)
+    ours_sorted, ours_perm = relaxed_sort(x, 2.0)
+    torch.testing.assert_close(ours_sorted, ref_sorted)
+    torch.testing.assert_close(ours_perm, ref_perm)
+
+
+def spec_nt_xent_more_negatives(z, temperature, stop_grad=False, topk_neg=None):
+    """SPEC 2, one anchor row at a time."""
+    batch = z[0].shape[0]
+    cand = torch.cat(z, dim=0)
+    cand = cand.detach() if stop_grad else cand
+    losses = []
+    for a in range(2):
+        for i in range(batch):
+            anchor = z[a][i]
+            sims = F.cosine_similarity(anchor[None], cand, dim=1, eps=1e-8) / temperature
+            pos_idx = (1 - a) * batch + i
+            keep = [j for j in range(len(cand)) if j % batch != i or j == pos_idx]
+            negs = torch.stack([sims[j] for j in keep if j != pos_idx])
+            if topk_neg is not None:
+                negs = negs.topk(topk_neg).values
+            logits = torch.cat((sims[pos_idx][None], negs))
+            losses.append(-F.log_softmax(logits, dim=0)[0])
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("stop_grad,topk", [(False, None), (True, 10)])
+def test_nt_xent(stop_grad, topk):
+    views = _views(2)
+    ours = NT_Xent(temperature=0.5, stop_grad=stop_grad, topk_neg=topk)
+    loss, grads = _value_and_grads(lambda v: ours(v)[0], views)
+    ref, ref_grads = _value_and_grads(lambda v: spec_nt_xent_more_negatives(v, 0.5, stop_grad, topk), views)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_nt_xent_more_negatives_and_all_combinations():
+    views = _views(4)
+    loss = NT_XentWithMoreNegatives(n_augs=4, temperature=0.1)(views)[0]
+    torch.testing.assert_close(loss, spec_nt_xent_more_negatives(views, 0.1), rtol=1e-5, atol=1e-6)
+
+    combos = NT_XentAllCombinations(n_augs=4, temperature=0.1, n_pos_augs=2)
+    assert combos.pairs() == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
+    expected = torch.stack([
+        spec_nt_xent_more_negatives([views[n], views[m]] + [v for j, v in enumerate(views) if j not in (n, m)], 0.1)
+        for n, m in combos.pairs()
+    ]).mean()
+    torch.testing.assert_close(combos(views)[0], expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,91 @@
+"""Pre-train an encoder with GroCo (or a SimCLR baseline): parse the command line, load and check
+the config, set up the process, build the parts, run. See README.md for the commands."""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+
+import yaml
+
+from data_loader.base import LoaderRuntime
+from trainer.checkpoint import CheckpointError
+from trainer.precision import make_precision
+from trainer.run_dir import RunDir, write_json
+from trainer.setup import (
+    build_evaluations,
+    build_loader,
+    build_loss,
+    build_model,
+    build_optimizer,
+    derive,
+    seed_everything,
+    steps_per_epoch,
+)
+from trainer.trainer import NonFiniteLossError, Schedule, Trainer
+from utils.cli import build_parser, print_summary, resolve_config
+from utils.config import ConfigError
+from utils.dist import init_process
+from utils.logging import log_to_file, setup_logging
+from utils.schema import validate
+
+log = logging.getLogger("groco")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser(__doc__).parse_intermixed_args(argv)
+    setup_logging()
+    try:
+        config, checkpoint = resolve_config(args)
+        exp = validate(config, world_size=args.world_size if args.distributed else 1)
+        if args.neptune:
+            raise ConfigError("--neptune: Neptune logging is not available in this version; run without it")
+        proc = init_process(args.distributed, args.world_size, args.dist_url, args.device, args.gpu)
+        setup_logging(proc.rank)
+        return train(args, config, exp, checkpoint, proc)
+    except (ConfigError, CheckpointError, NonFiniteLossError, RuntimeError) as err:
+        log.error("%s", err)
+        return 2 if isinstance(err, (ConfigError, CheckpointError)) else 1
+
+
+def train(args, config, exp, checkpoint, proc) -> int:
+    if proc.device.type == "cpu":
+        log.info("running on the CPU%s", " (no CUDA device found)" if args.device == "cuda" else "")
+    seed = exp.seed if exp.seed is not None else random.SystemRandom().randrange(2**31)
+    data_seed = checkpoint.get("data_seed", seed) if checkpoint else seed
+    seed_everything(seed)
+    runtime = LoaderRuntime(proc.rank, proc.world_size, data_seed)
+    train_loader = build_loader(exp.train_dataloader, runtime)
+    derived = derive(exp, proc.world_size, steps_per_epoch(train_loader) if args.dry_run else len(train_loader))
+    net = build_model(exp, proc)
+    loss_fn = build_loss(exp, proc)
+    optimizer = build_optimizer(exp, net, derived["learning_rate"])
+    evaluations = build_evaluations(exp, runtime, proc.distributed)
+    precision = make_precision(exp.trainer.mixed_precision, proc.device)
+    config = {**config, "derived": derived}
+    if args.dry_run:
+        sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
+        print_summary({**derived, "device": str(proc.device), "precision": precision.name, "seed": exp.seed})
+        return 0
+    run = RunDir.create(exp.save_dir, config["name"]) if proc.is_main else None
+    if run is not None:
+        run.write_config(config)
+        log_to_file(run.log)
+        log.info("run folder %s", run.path)
+    log.info("derived: %s", derived)
+    schedule = Schedule(derived["learning_rate"], derived["total_steps"], derived["warmup_steps"])
+    trainer = Trainer(net, loss_fn, optimizer, schedule, train_loader, evaluations, exp.trainer, precision, proc,
+                      run, config, data_seed)
+    if checkpoint is not None:
+        trainer.restore(checkpoint, args.resume)
+    results = trainer.fit()
+    if run is not None:
+        write_json(run.results, results)
+        if args.results_json:
+            write_json(args.results_json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

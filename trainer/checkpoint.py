@@ -1,0 +1,97 @@
+"""Checkpoints (SPEC 7): the released format plus what an exact continuation needs.
+
+A checkpoint is a dict with `epoch` (last finished, 0-based), `step` (optimisation steps done),
+`encoder`, `projection`, `optimizer` (state dicts) and `config`, as the released checkpoints;
+ours add `scaler`, `rng` (torch, CUDA, numpy, python) and `data_seed`. Files are written to a
+temporary name in the same folder and renamed, so a crash never leaves a truncated checkpoint
+under a final name. Loading accepts state-dict keys with and without DDP's `module.` prefix and
+is strict: missing or unexpected keys are an error that lists them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+REQUIRED_KEYS = ("epoch", "encoder")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write `state` to `path` atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint to the CPU; CheckpointError when absent or not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is not a checkpoint of this project: it needs the keys {list(REQUIRED_KEYS)}")
+    return state
+
+
+def strip_module_prefix(state_dict: dict[str, Any]) -> OrderedDict:
+    """Keys `module.x` -> `x` (checkpoints saved from DDP-wrapped modules); others unchanged."""
+    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state_dict.items())
+
+
+def load_module_state(module: nn.Module, state_dict: dict[str, Any], what: str) -> None:
+    """Load strictly into `module` (unwrapped from DDP), listing missing and unexpected keys."""
+    module = unwrap(module)
+    result = module.load_state_dict(strip_module_prefix(state_dict), strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing keys {result.missing_keys[:10]}{' ...' if len(result.missing_keys) > 10 else ''}")
+    if result.unexpected_keys:
+        extra = result.unexpected_keys
+        problems.append(f"unexpected keys {extra[:10]}{' ...' if len(extra) > 10 else ''}")
+    if problems:
+        raise CheckpointError(f"{what} does not match the model: " + "; ".join(problems))
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the module itself)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def rng_state() -> dict:
+    """Every random number generator's state, in types that `torch.load(weights_only=True)` reads."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))

@@ -1,0 +1,69 @@
+"""The run folder (SPEC 7): `save_dir/models/<name>/<MMDD_HHMMSS>/` with `config.yaml`,
+`latest_model.pth`, `checkpoint-epoch{E}.pth`, `metrics.jsonl` (one JSON object per step and per
+epoch), `results.json` and `train.log`. Only the main process writes here."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically, creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+class RunDir:
+    """Paths of one run; `create` makes a new, empty folder (never reuses an existing one)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, save_dir: str, name: str) -> RunDir:
+        base = Path(save_dir) / "models" / name
+        stamp = datetime.now().strftime("%m%d_%H%M%S")
+        for suffix in [""] + [f"_{i}" for i in range(1, 100)]:
+            path = base / f"{stamp}{suffix}"
+            try:
+                path.mkdir(parents=True, exist_ok=False)
+                return cls(path)
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"could not create a new run folder under {base}")
+
+    def write_config(self, config: dict) -> None:
+        write_text_atomic(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def checkpoint(self, epoch: int | None = None) -> Path:
+        return self.path / ("latest_model.pth" if epoch is None else f"checkpoint-epoch{epoch}.pth")
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def results(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "train.log"
+
+    def append_metrics(self, records: list[dict]) -> None:
+        with open(self.metrics, "a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")

@@ -1,0 +1,115 @@
+"""Build the parts a config names: model, loss, optimiser, loaders, evaluators, and the derived
+values (per-process batch, scaled learning rate, steps) computed in one place."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+import data_loader  # noqa: F401  (registers the loader types)
+import model  # noqa: F401  (registers the model and loss types)
+import trainer.knn  # noqa: F401  (registers KNNEvaluator)
+import trainer.linear_probe  # noqa: F401  (registers LinearProbingEvaluator)
+from data_loader.base import LoaderRuntime
+from model.projection import SSLModel
+from trainer.trainer import Evaluation
+from utils.config import ConfigError, build_block
+from utils.dist import ProcessInfo
+from utils.optim import LARC
+from utils.registry import DATALOADERS, ENCODERS, EVALUATORS, LOSSES, OPTIMIZERS, PROJECTIONS
+from utils.schema import ExperimentConfig, as_list, scaled_learning_rate
+
+log = logging.getLogger("groco")
+
+
+def derive(exp: ExperimentConfig, world_size: int, steps_per_epoch: Optional[int]) -> dict:
+    """The values training derives from the config (logged, printed by --dry-run, saved)."""
+    global_batch = exp.train_dataloader["args"]["batch_size"]
+    derived = {
+        "learning_rate": scaled_learning_rate(exp.base_learning_rate, exp.learning_rate_scaling, global_batch),
+        "global_batch_size": global_batch,
+        "batch_size_per_process": global_batch // world_size,
+        "world_size": world_size,
+        "epochs": exp.trainer.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": None,
+        "warmup_steps": None,
+        "loss": exp.loss["type"],
+    }
+    if steps_per_epoch is not None:
+        derived["total_steps"] = exp.trainer.epochs * steps_per_epoch
+        derived["warmup_steps"] = round(exp.warmup_epochs * steps_per_epoch)
+    return derived
+
+
+def build_encoder(exp: ExperimentConfig) -> nn.Module:
+    return build_block(exp.encoder, ENCODERS)
+
+
+def build_model(exp: ExperimentConfig, proc: ProcessInfo) -> nn.Module:
+    """Encoder + head on the process's device; under DDP with SyncBatchNorm on CUDA."""
+    encoder = build_encoder(exp)
+    head = build_block(exp.projection, PROJECTIONS, input_dim=encoder.feature_dim)
+    net: nn.Module = SSLModel(encoder, head)
+    if proc.distributed and proc.device.type == "cuda":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    elif proc.distributed:
+        log.info("gloo on the CPU: BatchNorm statistics stay per process (SyncBatchNorm needs CUDA)")
+    net = net.to(proc.device)
+    if proc.distributed:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[proc.device] if proc.device.type == "cuda" else None)
+    return net
+
+
+def build_loss(exp: ExperimentConfig, proc: ProcessInfo) -> nn.Module:
+    return build_block(exp.loss, LOSSES, distributed=proc.distributed).to(proc.device)
+
+
+def build_optimizer(exp: ExperimentConfig, net: nn.Module, lr: float):
+    """SGD (+ LARC) over every parameter that requires a gradient."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = build_block(exp.optimizer, OPTIMIZERS, params=params, lr=lr)
+    return LARC(optimizer) if exp.optimizer_use_larc else optimizer
+
+
+def build_loader(block: dict, runtime: LoaderRuntime):
+    return build_block(block, DATALOADERS, runtime=runtime)
+
+
+def build_evaluations(exp: ExperimentConfig, runtime: LoaderRuntime, distributed: bool) -> list[Evaluation]:
+    """Evaluators with their loaders: the `train: true` loader of `valid_dataloader` (k-NN bank,
+    probe training) and the `train: false` one (queries, probe validation)."""
+    evaluators = [build_block(b, EVALUATORS, distributed=distributed) for b in as_list(exp.evaluator)]
+    if not evaluators:
+        return []
+    blocks = as_list(exp.valid_dataloader)
+    train_side = [b for b in blocks if (b.get("args") or {}).get("train", True)]
+    val_side = [b for b in blocks if not (b.get("args") or {}).get("train", True)]
+    if len(train_side) != 1 or len(val_side) != 1:
+        raise ConfigError(
+            "valid_dataloader: the evaluators need exactly one loader with `train: true` (the k-NN bank, "
+            f"probe training) and one with `train: false` (the queries); got {len(train_side)} and {len(val_side)}"
+        )
+    bank, queries = build_loader(train_side[0], runtime), build_loader(val_side[0], runtime)
+    return [Evaluation(e, bank, queries) for e in evaluators]
+
+
+def steps_per_epoch(loader) -> Optional[int]:
+    """Steps of the training loader, or None when that needs data that is not there (dry runs)."""
+    try:
+        return len(loader)
+    except (FileNotFoundError, NotADirectoryError) as err:
+        log.info("steps per epoch unknown until the data is there (%s)", err)
+        return None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generators (model initialisation); data randomness has its own seeds."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,224 @@
+"""The self-supervised training loop (SPEC 4, 6, 7).
+
+Per step: the learning rate from the schedule at the global step, forward under autocast, the loss
+in float32, one backward / unscale / clip / step path, and the metrics kept on the device. Every
+`log_step` steps (and at the end of an epoch) the metrics are read back in one transfer, written
+to `metrics.jsonl` and checked: a non-finite loss stops the run before anything is saved, so the
+last good checkpoint stays. After each epoch: checkpoint, then the evaluators that are due.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from trainer.checkpoint import load_module_state, rng_state, save_checkpoint, set_rng_state, unwrap
+from trainer.precision import Precision
+from trainer.run_dir import RunDir
+from utils.dist import ProcessInfo, all_reduce_sum
+from utils.optim import cosine_with_warmup, set_learning_rate
+from utils.schema import TrainerSettings
+
+log = logging.getLogger("groco")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The per-iteration learning rate: warm-up then cosine, a pure function of the global step."""
+
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+
+    def __call__(self, step: int) -> float:
+        return cosine_with_warmup(step, self.peak_lr, self.total_steps, self.warmup_steps)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """An evaluator with the loaders it reads: `train` (k-NN bank / probe training) and `val`."""
+
+    evaluator: Any
+    train: Any
+    val: Any
+
+
+class Trainer:
+    """Runs the epochs of one training; `fit()` returns the metrics `{initial, final, epochs}`."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer, schedule: Schedule, train_loader,
+                 evaluations: list[Evaluation], settings: TrainerSettings, precision: Precision,
+                 proc: ProcessInfo, run: Optional[RunDir], config: dict, data_seed: int):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.loader = train_loader
+        self.evaluations = evaluations
+        self.settings = settings
+        self.precision = precision
+        self.proc = proc
+        self.run = run
+        self.config = config
+        self.data_seed = data_seed
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.start_epoch = 0
+        self.step = 0
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self, epoch: int) -> dict:
+        net = unwrap(self.model)
+        return {
+            "epoch": epoch,
+            "step": self.step,
+            "encoder": net.encoder.state_dict(),
+            "projection": net.projection.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "config": self.config,
+            "scaler": self.precision.scaler.state_dict(),
+            "rng": rng_state(),
+            "data_seed": self.data_seed,
+        }
+
+    def restore(self, checkpoint: dict, path: str) -> None:
+        """Continue after the checkpoint's epoch with its step count (not step + 1: SPEC 7)."""
+        net = unwrap(self.model)
+        load_module_state(net.encoder, checkpoint["encoder"], f"{path}: encoder")
+        load_module_state(net.projection, checkpoint["projection"], f"{path}: projection")
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            self.precision.scaler.load_state_dict(checkpoint["scaler"])
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.step = checkpoint.get("step", self.start_epoch * len(self.loader))
+        log.info("resumed from %s: epoch %d done, %d steps", path, checkpoint["epoch"], self.step)
+
+    def save(self, epoch: int) -> None:
+        if self.run is None:
+            return
+        state = self.state_dict(epoch)
+        if self.settings.save_latest:
+            save_checkpoint(state, self.run.checkpoint())
+        if self.settings.save_period and (epoch + 1) % self.settings.save_period == 0:
+            save_checkpoint(state, self.run.checkpoint(epoch))
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict:
+        results: dict = {"initial": {}, "final": {}, "epochs": []}
+        if self.settings.init_val:
+            results["initial"] = self.evaluate(-1)
+            self._record({"epoch": self.start_epoch - 1, "step": self.step, "initial": True, **results["initial"]})
+        for epoch in range(self.start_epoch, self.settings.epochs):
+            train_metrics = self.train_epoch(epoch)
+            self.save(epoch)
+            record = {"epoch": epoch, "step": self.step, **train_metrics, **self.evaluate(epoch)}
+            self._record(record)
+            results["epochs"].append(record)
+            results["final"] = {k: v for k, v in record.items() if k not in ("epoch", "step")}
+        return results
+
+    def _record(self, record: dict) -> None:
+        log.info("epoch %s: %s", record["epoch"], ", ".join(f"{k}={_fmt(v)}" for k, v in record.items()
+                                                           if k not in ("epoch",)))
+        if self.run is not None:
+            self.run.append_metrics([record])
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        self.loader.set_epoch(epoch)
+        steps, global_batch = len(self.loader), self.loader.global_batch_size
+        bar = tqdm(total=steps * global_batch, unit="samples", unit_scale=True, desc=f"epoch {epoch}",
+                   disable=not self.proc.is_main, dynamic_ncols=True)
+        pending: list[tuple] = []
+        totals = {"loss": 0.0, "steps": 0}
+        window_start = time.perf_counter()
+        for i, (views, _) in enumerate(self.loader):
+            lr = self.schedule(self.step)
+            set_learning_rate(self.optimizer, lr)
+            loss, info, grad_norm = self.train_step(views)
+            pending.append((self.step, lr, loss.detach(), grad_norm.detach(), info))
+            self.step += 1
+            bar.update(global_batch)
+            if len(pending) >= self.settings.log_step or i == steps - 1:
+                rate = len(pending) * global_batch / (time.perf_counter() - window_start)
+                self._flush(pending, epoch, rate, totals, bar)
+                pending, window_start = [], time.perf_counter()
+        bar.close()
+        if totals["steps"] == 0:
+            raise RuntimeError(f"epoch {epoch}: the training loader yielded no batch")
+        return {"train_loss": totals["loss"] / totals["steps"], "lr": self.schedule(self.step - 1)}
+
+    def train_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """One optimisation step on `views` (V tensors `[b, 3, H, W]`); returns loss, info, grad norm."""
+        views = [v.to(self.proc.device, non_blocking=True) for v in views]
+        with self.precision.autocast():
+            embeddings = self.model(views)
+        loss, info = self.loss_fn(embeddings)
+        scaler = self.precision.scaler
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(self.optimizer)
+        clip = self.settings.clip_grad if self.settings.clip_grad is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        scaler.step(self.optimizer)
+        scaler.update()
+        return loss, info, grad_norm
+
+    def _flush(self, pending: list[tuple], epoch: int, rate: float, totals: dict, bar: tqdm) -> None:
+        """Read the pending steps' metrics back in one transfer, check them, write them."""
+        info_keys = list(pending[0][4])
+        values = torch.stack([torch.stack([p[2].float(), p[3].float(), *(p[4][k].float() for k in info_keys)])
+                              for p in pending]).cpu()
+        bad = all_reduce_sum((~torch.isfinite(values[:, 0])).any().float().to(self.proc.device))
+        if bad.item() > 0:
+            where = self.run.checkpoint() if self.run else "none"
+            raise NonFiniteLossError(
+                f"the loss became non-finite in epoch {epoch} (steps {pending[0][0]}-{pending[-1][0]}); "
+                f"stopping. The last good checkpoint stays: {where}"
+            )
+        records = []
+        for (step, lr, *_), row in zip(pending, values.tolist()):
+            records.append({"step": step, "epoch": epoch, "loss": row[0], "lr": lr, "grad_norm": row[1],
+                            "samples_per_s": rate, **dict(zip(info_keys, row[2:]))})
+        totals["loss"] += float(values[:, 0].sum())
+        totals["steps"] += len(pending)
+        bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.3g}")
+        if self.run is not None:
+            self.run.append_metrics(records)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Run the evaluators due after `epoch` (-1: before training) on the encoder."""
+        encoder = unwrap(self.model).encoder
+        metrics: dict[str, float] = {}
+        for ev in self.evaluations:
+            if not ev.evaluator.due(epoch):
+                continue
+            start = time.perf_counter()
+            for loader in (ev.train, ev.val):
+                loader.set_epoch(max(epoch, 0))
+            metrics.update(ev.evaluator.evaluate(encoder, ev.train, ev.val, self.proc.device,
+                                                 self.precision.autocast, epoch=epoch))
+            log.info("%s after epoch %d took %.1f s", type(ev.evaluator).__name__, epoch,
+                     time.perf_counter() - start)
+        self.model.train()
+        return metrics
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,1 @@
+"""Config handling, distributed helpers, optimisation and logging."""

@@ -1,0 +1,81 @@
+"""The command line shared by train.py and eval.py (SPEC 8), and how it resolves the config.
+
+`-c/--config`, `-r/--resume`, `-n/--neptune`, `--name` (also `-name`, as the seed README spells it),
+`--distributed`, `--world-size`, `--dist-url`, `--device`, `--gpu`, `--epochs`, `--init_val`,
+`--dry-run`, `--results-json`, and any number of `dotted.key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from trainer.checkpoint import CheckpointError, load_checkpoint
+from utils.config import ConfigError, apply_overrides, deep_merge, load_config, read_yaml
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("-c", "--config", help="config file (YAML)")
+    p.add_argument("-r", "--resume", help="checkpoint to continue from (its folder's config.yaml is used)")
+    p.add_argument("-n", "--neptune", action="store_true", help="also log to Neptune")
+    p.add_argument("--name", "-name", help="run name (default: the config file's name)")
+    p.add_argument("--distributed", action="store_true", help="one process per GPU under torchrun or srun")
+    p.add_argument("--world-size", type=int, default=1, help="number of processes (with --distributed)")
+    p.add_argument("--dist-url", default="env://", help="process-group rendezvous (default env://)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cuda (default; the CPU is used when no GPU is found) or cpu")
+    p.add_argument("--gpu", type=int, help="GPU index for a single-process run")
+    p.add_argument("--epochs", type=int, help="override trainer.epochs")
+    p.add_argument("--init_val", type=int, choices=[0, 1], help="override trainer.init_val")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build everything, read no data, print the settings and a JSON summary, exit")
+    p.add_argument("--results-json", type=Path, help="write the run's metrics to this JSON file")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override any config value")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[dict, Optional[dict]]:
+    """The config of this run and the checkpoint to resume from (or None).
+
+    With `--resume`, the config is the `config.yaml` beside the checkpoint (else the one stored in
+    it), updated by `--config` when given; then the command-line overrides apply.
+    """
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        beside = Path(args.resume).parent / "config.yaml"
+        if beside.is_file():
+            config = read_yaml(beside)
+        elif isinstance(checkpoint.get("config"), dict):
+            config = checkpoint["config"]
+        else:
+            raise CheckpointError(f"{args.resume}: no config.yaml beside it and no config inside it")
+        if args.config:
+            config = deep_merge(config, load_config(args.config))
+    elif args.config:
+        config = load_config(args.config)
+    else:
+        raise ConfigError("give a config file (--config) or a checkpoint to resume (--resume)")
+    config.pop("derived", None)  # recomputed for every run
+    overrides = list(args.overrides)
+    if args.epochs is not None:
+        overrides.append(f"trainer.epochs={args.epochs}")
+    if args.init_val is not None:
+        overrides.append(f"trainer.init_val={'true' if args.init_val else 'false'}")
+    config = apply_overrides(config, overrides)
+    if args.name:
+        config["name"] = args.name
+    elif args.config:
+        config["name"] = Path(args.config).stem
+    config.setdefault("name", "run")
+    return config, checkpoint
+
+
+def print_summary(summary: dict) -> None:
+    """The dry run's last line: one JSON object."""
+    sys.stdout.write(json.dumps(summary) + "\n")
+    sys.stdout.flush()

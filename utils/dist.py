@@ -1,0 +1,142 @@
+"""Distributed helpers: process set-up from torchrun's or SLURM's variables, gathers, reductions."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+    """Where this process stands: its rank among `world_size` and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def launch_env() -> dict[str, int] | None:
+    """Rank, world size and local rank from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or from
+    SLURM's srun (SLURM_PROCID, SLURM_NTASKS, local GPU = rank modulo GPUs per node); None when
+    neither launcher set them."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {
+            "rank": int(env["RANK"]),
+            "world_size": int(env["WORLD_SIZE"]),
+            "local_rank": int(env.get("LOCAL_RANK", 0)),
+        }
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank = int(env["SLURM_PROCID"])
+        gpus = max(torch.cuda.device_count(), 1)
+        return {"rank": rank, "world_size": int(env["SLURM_NTASKS"]), "local_rank": rank % gpus}
+    return None
+
+
+def init_process(distributed: bool, world_size: int, dist_url: str, device: str, gpu: int | None) -> ProcessInfo:
+    """Join the process group when `distributed`; pick the device.
+
+    NCCL on CUDA, gloo on the CPU. `--distributed` without a launcher's variables is an error,
+    never a silent single-process run.
+    """
+    use_cuda = device == "cuda" and torch.cuda.is_available()
+    if not distributed:
+        dev = torch.device("cuda", gpu or 0) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        return ProcessInfo(device=dev)
+    launch = launch_env()
+    if launch is None:
+        raise RuntimeError(
+            "--distributed needs a launcher: set RANK and WORLD_SIZE (torchrun does) or "
+            "SLURM_PROCID and SLURM_NTASKS (srun does); neither is set"
+        )
+    if launch["world_size"] != world_size:
+        raise RuntimeError(f"--world-size {world_size} but the launcher started {launch['world_size']} processes")
+    if dist_url == "env://":
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise RuntimeError(f"--distributed with --dist-url env:// needs {' and '.join(missing)} in the environment")
+    if use_cuda:
+        dev = torch.device("cuda", launch["local_rank"])
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group(
+        backend="nccl" if use_cuda else "gloo",
+        init_method=dist_url,
+        world_size=launch["world_size"],
+        rank=launch["rank"],
+    )
+    return ProcessInfo(launch["rank"], launch["world_size"], launch["local_rank"], dev)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradients of all processes and keeps the local slice,
+    so that N processes compute the gradient one process computes on the combined batch."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(grads)
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """`[B, ...]` on each process -> `[world_size * B, ...]`, rank-major, differentiable."""
+    if get_world_size() == 1:
+        return x
+    return torch.cat(_GatherWithGrad.apply(x), dim=0)
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """`[B, ...]` on each process -> `[world_size * B, ...]`, rank-major (equal B on every process)."""
+    if get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over all processes (a new tensor)."""
+    x = x.clone()
+    if get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()

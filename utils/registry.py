@@ -1,0 +1,55 @@
+"""Registries that map the config's `type` names to the classes that build them.
+
+A config block `{type: NAME, args: {...}}` is resolved through one of the registries below.
+The paper's config files use the reference code's class names (`RegularEncoder`, `GroCo`,
+`web_dataloader`, ...); they are registered here, sometimes as aliases of a clearer internal name.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+class Registry:
+    """A named set of constructors with their config names.
+
+    Args:
+        kind: what the registry holds ("loss", "encoder", ...), used in error messages.
+        runtime_args: constructor arguments supplied by the program, never by the config
+            (for example `distributed`); a config that sets one is an error.
+    """
+
+    def __init__(self, kind: str, runtime_args: tuple[str, ...] = ()):
+        self.kind = kind
+        self.runtime_args = frozenset(runtime_args)
+        self._items: dict[str, Callable] = {}
+
+    def register(self, *names: str) -> Callable:
+        """Class decorator: register the class under each of `names` (default: its own name)."""
+
+        def decorator(obj: Callable) -> Callable:
+            for name in names or (obj.__name__,):
+                if name in self._items:
+                    raise KeyError(f"{self.kind} '{name}' is registered twice")
+                self._items[name] = obj
+            return obj
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def get(self, name: str) -> Callable:
+        return self._items[name]
+
+
+ENCODERS = Registry("encoder")
+PROJECTIONS = Registry("projection", runtime_args=("input_dim",))
+LOSSES = Registry("loss", runtime_args=("distributed",))
+OPTIMIZERS = Registry("optimizer", runtime_args=("params", "lr"))
+SCHEDULERS = Registry("lr_scheduler")
+DATALOADERS = Registry("dataloader", runtime_args=("runtime",))
+EVALUATORS = Registry("evaluator", runtime_args=("distributed",))
