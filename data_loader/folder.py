@@ -1,0 +1,178 @@
+"""An extracted image-folder tree (SPEC 5): the `image_folder_dataloader` of the reference's
+`configs/examples/imagenet_folder.yaml`.
+
+`root/train/<class>/*` and `root/val/<class>/*` (no devkit needed). The class indices are the sorted
+folder names of `root/train`, for both splits, so that a val split missing a class keeps the
+indices of the train split. Building a loader does not look at the folder (a dry run builds loaders
+for absent data); the folder is scanned on first use.
+
+- Training (`train: true` with `shuffle: true`): every epoch one permutation of the split from
+  (seed, epoch), the same on every process; `n // batch_size` steps, process r taking its slice of
+  every global batch (the last partial global batch is dropped). An undecodable image is skipped
+  with a warning and its place in the batch is taken by a new view of another image of the same
+  batch: the batch keeps its size, which the cross-process gathers of the losses need.
+- Evaluation (otherwise): process r takes a contiguous part of the split (in a permuted order when
+  `shuffle` is set) and yields it in batches of at most the per-process size, so every image is
+  seen exactly once and gathering in rank order restores the order. An undecodable image is an
+  error naming the file.
+
+Augmentations are seeded from (seed, epoch, rank) when num_workers > 0, as in the shard loader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from data_loader.base import LoaderRuntime, epoch_generator, eval_shard, per_process_batch, train_indices
+from data_loader.transforms import (
+    Batch,
+    MultiView,
+    TransformType,
+    UndecodableImageError,
+    build_transform,
+    collate_views,
+    decode_image,
+)
+from utils.logging import get_logger
+from utils.registry import DATALOADERS
+
+
+def scan_split(root: Path, split: str) -> list[tuple[str, int]]:
+    """[(image path, class index)] of `root/split`, sorted by class then file name; the classes are
+    the sorted folder names of `root/train`."""
+    train_dir, split_dir = root / "train", root / split
+    for folder in (train_dir, split_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder (image_folder_dataloader reads root/train/<class>/* "
+                                    f"and root/val/<class>/*)")
+    classes, class_to_idx = find_classes(train_dir)
+    unknown = sorted(set(find_classes(split_dir)[0]) - set(classes))
+    if unknown:
+        raise ValueError(f"{split_dir}: class folders {unknown[:5]} are not in {train_dir}")
+    samples = make_dataset(split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise FileNotFoundError(f"{split_dir}: no image files ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+    return samples
+
+
+class FolderBatches(Dataset):
+    """Indexed by a list of sample indices, returns the whole batch `(views, labels)`.
+
+    Args:
+        samples: [(image path, class index)].
+        transform: PIL image -> n_augs x `[3, H, W]`.
+        training: skip undecodable images (filling the batch up); otherwise they are errors.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform: MultiView, training: bool):
+        self.samples, self.transform, self.training = samples, transform, training
+        self.skipped = 0  # in this reader (the main process or one worker), this epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[list[torch.Tensor], int]:
+        """(views: n_augs x `[3, H, W]`, class index) of one image."""
+        path, label = self.samples[index]
+        with open(path, "rb") as f:
+            return self.transform(decode_image(f.read(), path)), label
+
+    def __getitem__(self, indices: list[int]) -> Batch:
+        loaded, decoded, failed = [], [], []
+        for i in indices:
+            try:
+                loaded.append(self.load(i))
+                decoded.append(i)
+            except UndecodableImageError as err:
+                if not self.training:
+                    raise
+                failed.append(str(err))
+        if failed:
+            self._report(failed, len(indices))
+            loaded += [self.load(decoded[k % len(decoded)]) for k in range(len(failed))]
+        return collate_views(loaded)
+
+    def _report(self, failed: list[str], batch: int) -> None:
+        if len(failed) == batch:
+            raise RuntimeError(f"no image of a training batch could be decoded: {failed}")
+        self.skipped += len(failed)
+        get_logger().warning("skipped %d undecodable training image(s) (%d skipped by this reader in this epoch); "
+                             "new views of other images of the batch take their places: %s",
+                             len(failed), self.skipped, "; ".join(failed))
+
+
+@DATALOADERS.register("image_folder_dataloader")
+class ImageFolderLoader:
+    """Batches `(views, labels)` from `root/train` or `root/val` (see the module docstring).
+
+    Args:
+        runtime: rank, world size and seed (given by the program).
+        root: the folder holding `train/` and `val/`, each with one folder of images per class.
+        shuffle: a new order every epoch; with `train`, a training pass (full batches, the last
+            partial global batch dropped); without, an evaluation pass in a shuffled order.
+        batch_size: the global batch; each process yields batch_size / world_size samples per step.
+        num_workers: DataLoader worker processes per process.
+        train: read `root/train` (true) or `root/val` (false).
+        transform_type: the augmentation recipe (data_loader.transforms).
+        n_augs: views per image.
+    """
+
+    def __init__(self, runtime: LoaderRuntime, root: str, shuffle: bool, batch_size: int, num_workers: int = 0,
+                 train: bool = True, transform_type: TransformType = "val", n_augs: int = 1):
+        self.runtime = runtime
+        self.root = Path(root)
+        self.split = "train" if train else "val"
+        self.shuffle = shuffle
+        self.training = train and shuffle
+        self.global_batch_size = batch_size
+        self.batch_size = per_process_batch(batch_size, runtime.world_size)
+        self.num_workers = num_workers
+        self.transform = build_transform(transform_type, n_augs)
+        self.n_augs = n_augs
+        self.epoch = 0
+        self._samples: list[tuple[str, int]] | None = None
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """[(image path, class index)] of the split, scanned on first use."""
+        if self._samples is None:
+            self._samples = scan_split(self.root, self.split)
+            get_logger().info("%s: %d images", self.root / self.split, len(self._samples))
+        return self._samples
+
+    @property
+    def num_samples(self) -> int:
+        """Images in the split (all processes together)."""
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        """This process's batches of sample indices for the current epoch."""
+        n, rank, world = self.num_samples, self.runtime.rank, self.runtime.world_size
+        gen = epoch_generator(self.runtime.seed, self.epoch)
+        if self.training:
+            steps = train_indices(n, self.global_batch_size, gen, rank, world, shuffle=True)
+            if not steps:
+                raise ValueError(f"{self.root / self.split}: {n} images make no training step of "
+                                 f"{self.global_batch_size}")
+            return [step.tolist() for step in steps]
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        part = eval_shard(n, rank, world)
+        return [chunk.tolist() for chunk in order[part.start:part.stop].split(self.batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def __iter__(self) -> Iterator[Batch]:
+        dataset = FolderBatches(self.samples, self.transform, self.training)
+        loader = DataLoader(dataset, sampler=self.batches(), batch_size=None, num_workers=self.num_workers,
+                            generator=epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank),
+                            pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
+        yield from loader

@@ -1,0 +1,224 @@
+"""ImageNet as WebDataset shards (SPEC 5): the `web_dataloader` of the paper's configs.
+
+A shard is a tar file of samples `KEY.image.jpg` (the original image bytes) and `KEY.metadata.pyd`
+(a pickled dict with the class index `cls`), as written by `preprocessing/create_tar_webdataset.py`.
+Building a loader reads nothing (a dry run builds the loaders of configs whose data is absent);
+shards are opened only when the loader is iterated.
+
+Two modes, chosen by the config:
+
+- Training (`train: true` and `shuffle` > 0). Every epoch the shard list is permuted from
+  (seed, epoch), the same permutation on every process; process r takes every world_size-th shard
+  of it, and each of its dataloader workers every num_workers-th shard of those. A worker streams
+  its shards round and round (reshuffling their order on every new round), through a shuffle buffer
+  of `shuffle` samples, and yields batches of exactly the per-process size. The loader stops after
+  `dataset_size // batch_size` batches: the same number of steps on every process, none of which can
+  run short. Undecodable images are skipped and counted in a warning.
+- Evaluation (otherwise). Every sample is read exactly once: process r takes a contiguous run of
+  the shard list (the runs differ by at most one shard in length when the shards do not divide
+  evenly; a process may then yield fewer batches), its workers split that run, and each worker
+  yields its samples in shard order in batches of at most the per-process size. The order is a
+  function of the shard list and num_workers, so gathering in rank order gives a deterministic
+  order. An undecodable image is an error naming the shard and the key.
+
+Sample shuffling and shard order depend only on (runtime.seed, epoch, rank, worker); the
+augmentations too when num_workers > 0 (each epoch's DataLoader draws its workers' seeds from a
+generator seeded the same way; with num_workers 0 they come from the process's global RNG).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+from typing import Iterator
+
+import braceexpand
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_loader.base import LoaderRuntime, epoch_generator, per_process_batch
+from data_loader.transforms import (
+    Batch,
+    MultiView,
+    TransformType,
+    UndecodableImageError,
+    build_transform,
+    collate_views,
+    decode_image,
+)
+from utils.config import ConfigError
+from utils.logging import get_logger
+from utils.registry import DATALOADERS
+
+
+def balanced_part(n: int, rank: int, world_size: int) -> range:
+    """The contiguous part of n items that process `rank` takes: every item exactly once, the parts
+    differing in length by at most one."""
+    return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+
+def sample_fields(sample: dict) -> tuple[bytes, int, str]:
+    """(image bytes, class index, 'shard URL, key KEY') of one raw shard sample."""
+    where = f"shard {sample.get('__url__')}, key {sample.get('__key__')}"
+    missing = [name for name in ("image.jpg", "metadata.pyd") if name not in sample]
+    if missing:
+        present = sorted(k for k in sample if not k.startswith("__"))
+        raise ValueError(f"{where}: the sample lacks {missing} (it holds {present})")
+    return sample["image.jpg"], int(pickle.loads(sample["metadata.pyd"])["cls"]), where
+
+
+class ShardStream(IterableDataset):
+    """The batches that one process reads from its shards (split further among DataLoader workers).
+
+    Args:
+        urls: this process's shards, in reading order.
+        transform: PIL image -> n_augs x `[3, H, W]`.
+        batch_size: the per-process batch.
+        training: stream the shards endlessly, skip undecodable images, yield full batches only;
+            otherwise one pass, undecodable images are errors, the last batch of a worker may be short.
+        shuffle: shuffle buffer size in samples (0: no shuffling).
+        seed_key: a string naming (seed, epoch, rank); the worker id is added to seed the buffer.
+    """
+
+    def __init__(self, urls: list[str], transform: MultiView, batch_size: int, training: bool, shuffle: int,
+                 seed_key: str):
+        super().__init__()
+        self.urls, self.transform, self.batch_size = urls, transform, batch_size
+        self.training, self.shuffle, self.seed_key = training, shuffle, seed_key
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        urls = self.urls[worker::workers]
+        rng = random.Random(f"{self.seed_key}/worker {worker}")
+        samples = endless_samples(urls, rng) if self.training else wds.tarfile_samples([{"url": u} for u in urls])
+        if self.shuffle > 0:
+            samples = wds.shuffle(self.shuffle, rng=rng)(samples)
+        batches = wds.batched(self.batch_size, collation_fn=collate_views, partial=not self.training)
+        return iter(batches(self._transformed(samples)))
+
+    def _transformed(self, samples: Iterator[dict]) -> Iterator[tuple[list[torch.Tensor], int]]:
+        """Raw samples -> (views, label); undecodable images skipped in training, errors otherwise."""
+        skipped = 0
+        for sample in samples:
+            data, label, where = sample_fields(sample)
+            try:
+                image = decode_image(data, where)
+            except UndecodableImageError as err:
+                if not self.training:
+                    raise
+                skipped += 1
+                get_logger().warning("skipped an undecodable training image (%d skipped by this reader in this "
+                                     "epoch): %s", skipped, err)
+                continue
+            yield self.transform(image), label
+
+
+def endless_samples(urls: list[str], rng: random.Random) -> Iterator[dict]:
+    """Raw samples of `urls`, pass after pass (the shard order reshuffled by `rng` for every pass
+    after the first), so that a reader never runs out within an epoch."""
+    urls = list(urls)
+    while True:
+        count = 0
+        for sample in wds.tarfile_samples([{"url": u} for u in urls]):
+            count += 1
+            yield sample
+        if count == 0:
+            raise RuntimeError(f"the shards {urls} hold no samples")
+        rng.shuffle(urls)
+
+
+@DATALOADERS.register("web_dataloader")
+class WebLoader:
+    """Batches `(views, labels)` from WebDataset shards (see the module docstring for the modes).
+
+    Args:
+        runtime: rank, world size and seed (given by the program).
+        shards: the shard files as a brace pattern (`.../imagenet-train-{000000..000639}.tar`).
+        dataset_size: samples in the shards (over all processes); training runs
+            `dataset_size // batch_size` steps per epoch.
+        shuffle: shuffle buffer in samples; 0 keeps the shard order (an evaluation pass).
+        batch_size: the global batch; each process yields batch_size / world_size samples per step.
+        num_workers: DataLoader worker processes per process.
+        train: a training pass (with `shuffle` > 0: endless shards, full batches, a fixed number of
+            steps); false: every sample once.
+        transform_type: the augmentation recipe (data_loader.transforms).
+        n_augs: views per image.
+    """
+
+    def __init__(self, runtime: LoaderRuntime, shards: str, dataset_size: int, shuffle: int, batch_size: int,
+                 num_workers: int = 0, train: bool = True, transform_type: TransformType = "val", n_augs: int = 1):
+        self.runtime = runtime
+        self.urls = list(braceexpand.braceexpand(shards))
+        self.dataset_size = dataset_size
+        self.shuffle = shuffle
+        self.global_batch_size = batch_size
+        self.batch_size = per_process_batch(batch_size, runtime.world_size)
+        self.num_workers = num_workers
+        self.training = train and shuffle > 0
+        self.transform = build_transform(transform_type, n_augs)
+        self.n_augs = n_augs
+        self.epoch = 0
+        self._check()
+
+    def _check(self) -> None:
+        if self.dataset_size < 1 or self.shuffle < 0 or self.num_workers < 0:
+            raise ConfigError(f"dataset_size {self.dataset_size}, shuffle {self.shuffle}, num_workers "
+                              f"{self.num_workers}: dataset_size must be positive, the others not negative")
+        if not self.training:
+            return
+        if self.dataset_size < self.global_batch_size:
+            raise ConfigError(f"dataset_size: {self.dataset_size} samples make no training step of "
+                              f"{self.global_batch_size}")
+        readers = self.runtime.world_size * max(1, self.num_workers)
+        if len(self.urls) < readers:
+            raise ConfigError(f"shards: {len(self.urls)} shards cannot give each of the {self.runtime.world_size} "
+                              f"processes x {max(1, self.num_workers)} workers a shard of its own; lower num_workers")
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the shards (all processes together), as the config says."""
+        return self.dataset_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def process_shards(self) -> list[str]:
+        """This process's shards for the current epoch, in reading order."""
+        order = list(range(len(self.urls)))
+        if self.shuffle > 0:
+            order = torch.randperm(len(order), generator=epoch_generator(self.runtime.seed, self.epoch)).tolist()
+        rank, world = self.runtime.rank, self.runtime.world_size
+        if self.training:
+            return [self.urls[i] for i in order[rank::world]]
+        return [self.urls[order[i]] for i in balanced_part(len(order), rank, world)]
+
+    def __len__(self) -> int:
+        """Steps of one epoch on this process. Exact in training; in evaluation it assumes that every
+        shard holds dataset_size / len(shards) samples (true of the ImageNet shards of the configs)."""
+        if self.training:
+            return self.dataset_size // self.global_batch_size
+        per_shard = self.dataset_size / len(self.urls)
+        local = len(balanced_part(len(self.urls), self.runtime.rank, self.runtime.world_size))
+        workers = max(1, self.num_workers)
+        return sum(math.ceil(round(len(range(w, local, workers)) * per_shard) / self.batch_size)
+                   for w in range(workers))
+
+    def __iter__(self) -> Iterator[Batch]:
+        rank, seed = self.runtime.rank, self.runtime.seed
+        stream = ShardStream(self.process_shards(), self.transform, self.batch_size, self.training, self.shuffle,
+                             seed_key=f"seed {seed}/epoch {self.epoch}/rank {rank}")
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                            generator=epoch_generator(seed + 1, self.epoch, rank),
+                            pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
+        if not self.training:
+            yield from loader
+            return
+        batches = iter(loader)
+        for step in range(len(self)):
+            batch = next(batches, None)
+            if batch is None:
+                raise RuntimeError(f"the shard stream ended after {step} of {len(self)} steps")
+            yield batch

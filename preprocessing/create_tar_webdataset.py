@@ -1,0 +1,253 @@
+"""Write ImageNet, or any image-folder dataset, as WebDataset shards (SPEC 5).
+
+    python preprocessing/create_tar_webdataset.py --input data/imagenet/original --output data/imagenet/processed
+
+Input, either of:
+- the original ImageNet files (`ILSVRC2012_img_train.tar`, `ILSVRC2012_img_val.tar`,
+  `ILSVRC2012_devkit_t12.tar.gz`), read through torchvision's ImageNet parser, which checks the
+  archives and extracts them into `--input` on first use (about 150 GB more); wnids and class names
+  come from the devkit. A folder already parsed by torchvision (`meta.bin`, `train/`, `val/`) is
+  taken the same way.
+- an extracted tree `train/<class>/*`, `val/<class>/*` of any image-folder dataset: the sorted
+  folder names of `train/` give the class indices, and a folder's name is its class's `wnid` and
+  name.
+
+Output: `OUT/train/imagenet-train-%06d.tar` (2,000 samples each), `OUT/val/imagenet-val-%06d.tar`
+(500 each) and `OUT/metadata.json` (`wnids`, `classes`, `wnid_to_idx`, `class_to_idx`). A sample is
+`KEY.image.jpg`, the image file's original bytes (not re-encoded, whatever their format), and
+`KEY.metadata.pyd`, a pickled `{'cls': int, 'wnid': str}`; KEY is the file name without its
+extension. The samples of a split are shuffled with `--seed` before writing. Each shard is written
+under a temporary name and renamed when complete, so an interrupted run leaves no partial shard
+under a final name.
+
+Images are copied, not decoded: a corrupt file ends up in a shard, where the training loader skips
+it and an evaluation loader stops with an error naming it. `--verify` decodes every image first and
+refuses to write anything if one fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import random
+from pathlib import Path
+
+from tqdm import tqdm
+
+logger = logging.getLogger("create_tar_webdataset")
+
+IMAGENET_FILES = ("meta.bin", "ILSVRC2012_devkit_t12.tar.gz", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+SPLITS = ("train", "val")
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One image to write: its key, file, class index and wnid."""
+
+    key: str
+    path: str
+    cls: int
+    wnid: str
+
+
+@dataclasses.dataclass
+class Source:
+    """A dataset to shard: the metadata.json content and [(image path, class index)] per split."""
+
+    metadata: dict
+    samples: dict[str, list[tuple[str, int]]]
+
+
+# ----------------------------------------------------------------------------- reading the input
+
+
+def read_imagenet(root: Path, splits: list[str]) -> Source:
+    """ImageNet through torchvision's parser (which extracts the archives on first use)."""
+    from torchvision.datasets import ImageNet
+
+    datasets = {split: ImageNet(str(root), split=split) for split in splits}
+    first = datasets[splits[0]]
+    for split, dataset in datasets.items():
+        if dataset.wnids != first.wnids:
+            raise ValueError(f"{root}: the {split} split has other classes than the {splits[0]} split")
+    metadata = {
+        "wnids": list(first.wnids),
+        "classes": [list(names) for names in first.classes],
+        "wnid_to_idx": dict(first.wnid_to_idx),
+        "class_to_idx": dict(first.class_to_idx),
+    }
+    return Source(metadata, {split: list(dataset.samples) for split, dataset in datasets.items()})
+
+
+def read_image_folders(root: Path, splits: list[str]) -> Source:
+    """An extracted tree `root/<split>/<class>/*`; the classes are the sorted folders of `root/train`."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    classes, class_to_idx = find_classes(root / "train")
+    samples = {}
+    for split in splits:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(f"{split_dir}: no such folder")
+        unknown = sorted(set(find_classes(split_dir)[0]) - set(classes))
+        if unknown:
+            raise ValueError(f"{split_dir}: class folders {unknown[:5]} are not in {root / 'train'}")
+        samples[split] = make_dataset(split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    metadata = {"wnids": classes, "classes": classes, "wnid_to_idx": class_to_idx, "class_to_idx": class_to_idx}
+    return Source(metadata, samples)
+
+
+def read_source(root: Path, splits: list[str]) -> Source:
+    """The dataset at `root`: the ImageNet files when present, otherwise an image-folder tree."""
+    if any((root / name).exists() for name in IMAGENET_FILES):
+        logger.info("%s: ImageNet archives or torchvision's meta.bin found; reading through torchvision", root)
+        return read_imagenet(root, splits)
+    if (root / "train").is_dir():
+        logger.info("%s: reading the image folders %s", root, ", ".join(splits))
+        return read_image_folders(root, splits)
+    raise FileNotFoundError(
+        f"{root}: neither ImageNet's files ({', '.join(IMAGENET_FILES)}) nor a train/<class>/ folder tree"
+    )
+
+
+def make_records(samples: list[tuple[str, int]], wnids: list[str], seed: int) -> list[Record]:
+    """Records in a random order fixed by `seed`; keys (file names without their extension) must be
+    unique and free of dots (WebDataset splits a key from its extensions at the first dot)."""
+    records, seen = [], {}
+    for path, cls in samples:
+        key = os.path.basename(path).rsplit(".", 1)[0]
+        if "." in key or not key:
+            raise ValueError(f"{path}: the file name without its extension must be non-empty and hold no '.' "
+                             "(WebDataset would cut the key at the first dot); rename the file")
+        if key in seen:
+            raise ValueError(f"{path} and {seen[key]} give the same key {key!r}; keys must be unique in a split")
+        seen[key] = path
+        records.append(Record(key, path, cls, wnids[cls]))
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def verify_images(records: list[Record]) -> None:
+    """Decode every image; raise naming the files that PIL cannot read."""
+    from PIL import Image
+
+    failed = []
+    for record in tqdm(records, desc="verify", unit="img"):
+        try:
+            with Image.open(record.path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            failed.append(f"{record.path} ({err})")
+    if failed:
+        raise ValueError(f"{len(failed)} undecodable image(s), nothing written: " + "; ".join(failed[:20]))
+
+
+# ----------------------------------------------------------------------------- writing the shards
+
+
+def write_shard(records: list[Record], path: Path, progress: tqdm) -> int:
+    """Write one shard through a temporary file renamed at the end; return the samples written."""
+    import webdataset as wds
+
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    written = 0
+    try:
+        with open(partial, "wb") as stream:
+            with wds.TarWriter(stream, encoder=False, mtime=0) as sink:
+                for record in records:
+                    with open(record.path, "rb") as f:
+                        image = f.read()
+                    meta = pickle.dumps({"cls": record.cls, "wnid": record.wnid})
+                    sink.write({"__key__": record.key, "image.jpg": image, "metadata.pyd": meta})
+                    written += 1
+                    progress.update(1)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def clear_split_folder(folder: Path, split: str, overwrite: bool) -> None:
+    """Refuse to mix with an earlier run's shards unless `overwrite`, then remove them."""
+    old = sorted(folder.glob(f"imagenet-{split}-*.tar")) + sorted(folder.glob(f"imagenet-{split}-*{PARTIAL_SUFFIX}"))
+    if old and not overwrite:
+        raise FileExistsError(f"{folder} already holds {len(old)} shard file(s) ({old[0].name}, ...); "
+                              "pass --overwrite to replace them")
+    for path in old:
+        path.unlink()
+
+
+def write_split(records: list[Record], folder: Path, split: str, shard_size: int, overwrite: bool) -> int:
+    """Write `records` as `folder/imagenet-{split}-%06d.tar` of `shard_size` samples; return the count."""
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_split_folder(folder, split, overwrite)
+    written = 0
+    with tqdm(total=len(records), desc=f"{split} shards", unit="img") as progress:
+        for index, start in enumerate(range(0, len(records), shard_size)):
+            path = folder / f"imagenet-{split}-{index:06d}.tar"
+            written += write_shard(records[start:start + shard_size], path, progress)
+    if written != len(records):
+        raise RuntimeError(f"{split}: wrote {written} samples but found {len(records)} images")
+    n_shards = -(-written // shard_size)
+    logger.info("%s: %d samples in %d shards, %s", split, written, n_shards,
+                f"{folder}/imagenet-{split}-{{000000..{n_shards - 1:06d}}}.tar")
+    return written
+
+
+def write_metadata(metadata: dict, path: Path) -> None:
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(partial, "w") as f:
+        json.dump(metadata, f)
+    os.replace(partial, path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, type=Path, help="ImageNet's files or a train/ val/ folder tree")
+    parser.add_argument("--output", required=True, type=Path, help="where train/, val/ and metadata.json go")
+    parser.add_argument("--train-shard-size", type=int, default=2000, help="samples per train shard")
+    parser.add_argument("--val-shard-size", type=int, default=500, help="samples per val shard")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the order in which samples are written")
+    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="splits to write")
+    parser.add_argument("--verify", action="store_true", help="decode every image first; stop if one fails")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run")
+    args = parser.parse_args(argv)
+    if args.train_shard_size < 1 or args.val_shard_size < 1:
+        parser.error("shard sizes must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    """Shard the dataset; return the number of samples written per split."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    source = read_source(args.input, args.splits)
+    shard_sizes = {"train": args.train_shard_size, "val": args.val_shard_size}
+    plans = {split: make_records(source.samples[split], source.metadata["wnids"], args.seed) for split in args.splits}
+    empty = [split for split, records in plans.items() if not records]
+    if empty:
+        raise FileNotFoundError(f"{args.input}: no images in the split(s) {empty}")
+    if args.verify:
+        verify_images([record for records in plans.values() for record in records])
+    counts = {}
+    for split, records in plans.items():
+        counts[split] = write_split(records, args.output / split, split, shard_sizes[split], args.overwrite)
+    write_metadata(source.metadata, args.output / "metadata.json")
+    logger.info("wrote %s and %s", args.output / "metadata.json", counts)
+    return counts
+
+
+if __name__ == "__main__":
+    main()
