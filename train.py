@@ -10,7 +10,6 @@ import sys
 import yaml
 
 from data_loader.base import LoaderRuntime
-from trainer.checkpoint import CheckpointError
 from trainer.precision import make_precision
 from trainer.run_dir import RunDir, write_json
 from trainer.setup import (
@@ -23,40 +22,27 @@ from trainer.setup import (
     seed_everything,
     steps_per_epoch,
 )
-from trainer.trainer import NonFiniteLossError, Schedule, Trainer
-from utils.cli import build_parser, print_summary, resolve_config
+from trainer.trainer import Schedule, Trainer
+from utils.cli import print_summary, run_entry
 from utils.config import ConfigError
-from utils.dist import init_process
-from utils.logging import log_to_file, setup_logging
-from utils.schema import validate
+from utils.logging import log_to_file
 
 log = logging.getLogger("groco")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(__doc__).parse_intermixed_args(argv)
-    setup_logging()
-    try:
-        config, checkpoint = resolve_config(args)
-        exp = validate(config, world_size=args.world_size if args.distributed else 1)
-        if args.neptune:
-            raise ConfigError("--neptune: Neptune logging is not available in this version; run without it")
-        proc = init_process(args.distributed, args.world_size, args.dist_url, args.device, args.gpu)
-        setup_logging(proc.rank)
-        return train(args, config, exp, checkpoint, proc)
-    except (ConfigError, CheckpointError, NonFiniteLossError, RuntimeError) as err:
-        log.error("%s", err)
-        return 2 if isinstance(err, (ConfigError, CheckpointError)) else 1
+    return run_entry(__doc__, train, argv, training=True)
 
 
 def train(args, config, exp, checkpoint, proc) -> int:
-    if proc.device.type == "cpu":
-        log.info("running on the CPU%s", " (no CUDA device found)" if args.device == "cuda" else "")
     seed = exp.seed if exp.seed is not None else random.SystemRandom().randrange(2**31)
     data_seed = checkpoint.get("data_seed", seed) if checkpoint else seed
     seed_everything(seed)
     runtime = LoaderRuntime(proc.rank, proc.world_size, data_seed)
     train_loader = build_loader(exp.train_dataloader, runtime)
+    if not train_loader.training:
+        raise ConfigError("train_dataloader.args: training needs `train: true` and shuffling (a shuffle buffer > 0 "
+                          "for web_dataloader), so that every process runs the same number of full batches")
     derived = derive(exp, proc.world_size, steps_per_epoch(train_loader) if args.dry_run else len(train_loader))
     net = build_model(exp, proc)
     loss_fn = build_loss(exp, proc)

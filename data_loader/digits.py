@@ -81,7 +81,8 @@ class DigitsLoader:
         train: the 1,297-image training split (true) or the 500 held-out images (false).
         transform_type: `digits` (random views) or `val` (the plain upsampled image).
         n_augs: views per image.
-        shuffle: reshuffle every epoch (training only: an evaluation pass keeps dataset order).
+        shuffle: with `train`, a training pass: reshuffled every epoch, the last partial batch dropped;
+            otherwise every sample once, in dataset order.
         image_size: side of the upsampled images.
         num_workers: accepted for symmetry with the other loaders; the digits are augmented in the
             main process (a batch takes milliseconds).
@@ -99,7 +100,7 @@ class DigitsLoader:
         self.augmented = transform_type == "digits"
         self.n_augs = n_augs
         self.shuffle = shuffle
-        self.drop_last = shuffle  # a shuffled pass is a training pass
+        self.training = train and shuffle  # a training pass: reshuffled, full batches only
         self.image_size = image_size
         self.epoch = 0
 
@@ -113,7 +114,7 @@ class DigitsLoader:
 
     def _batches(self) -> list[torch.Tensor]:
         n = self.num_samples
-        if self.drop_last:
+        if self.training:
             gen = epoch_generator(self.runtime.seed, self.epoch)
             return train_indices(n, self.global_batch_size, gen, self.runtime.rank, self.runtime.world_size, True)
         local = torch.tensor(eval_shard(n, self.runtime.rank, self.runtime.world_size))

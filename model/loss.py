@@ -63,6 +63,14 @@ def hardest_negatives(anchor: torch.Tensor, candidates: torch.Tensor, offset: in
     return torch.einsum("bd,bkd->bk", anchor, candidates[index])
 
 
+def binary_cross_entropy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean BCE with the logs clamped at -100, as `torch.nn.BCELoss`, but a NaN prediction gives a
+    NaN loss (which stops training cleanly) instead of torch's range check, a device assert on CUDA."""
+    log_p = pred.log().clamp_min(-100)
+    log_not_p = (1 - pred).log().clamp_min(-100)
+    return -(target * log_p + (1 - target) * log_not_p).mean()
+
+
 def groco_anchor_loss(
     anchor: torch.Tensor,
     positives: list[torch.Tensor],
@@ -100,7 +108,7 @@ def groco_anchor_loss(
     pred_pos = perm[:, :, topk_neg:].sum(dim=2).clamp(0, 1)
     n = perm.shape[1]
     target_pos = (torch.arange(n, device=perm.device) >= topk_neg).float().expand_as(pred_pos)
-    loss = (F.binary_cross_entropy(pred_pos, target_pos) + F.binary_cross_entropy(pred_neg, 1 - target_pos)) / 2
+    loss = (binary_cross_entropy(pred_pos, target_pos) + binary_cross_entropy(pred_neg, 1 - target_pos)) / 2
 
     with torch.no_grad():
         info = {

@@ -10,8 +10,10 @@ is strict: missing or unexpected keys are an error that lists them.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ import torch
 from torch import nn
 
 REQUIRED_KEYS = ("epoch", "encoder")
+
+log = logging.getLogger("groco")
 
 
 class CheckpointError(RuntimeError):
@@ -43,8 +47,13 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    # The released checkpoints use torch's legacy (pre-zip) format, which the restricted
+    # unpickler cannot read: those are unpickled in full (load only files you trust).
+    legacy = not zipfile.is_zipfile(path)
+    if legacy:
+        log.info("%s uses the legacy serialisation: unpickling it in full", path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=not legacy)
     except Exception as err:  # torch raises many types for a file that is not a checkpoint
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
@@ -82,7 +91,7 @@ def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": random.getstate(),
     }
 
@@ -93,5 +102,5 @@ def set_rng_state(state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.trainer import NonFiniteLossError
 from utils.config import ConfigError, apply_overrides, deep_merge, load_config, read_yaml
+from utils.dist import LaunchError, init_process
+from utils.logging import setup_logging
+from utils.schema import validate
+
+log = logging.getLogger("groco")
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -79,3 +86,27 @@ def print_summary(summary: dict) -> None:
     """The dry run's last line: one JSON object."""
     sys.stdout.write(json.dumps(summary) + "\n")
     sys.stdout.flush()
+
+
+def run_entry(description: str, job: Callable, argv: Optional[list[str]], training: bool) -> int:
+    """Parse, resolve and check the config, set up the process, then `job(args, config, exp,
+    checkpoint, proc)`. A bad config, checkpoint or launch is one logged line and exit code 2
+    (nothing is created before the checks pass); a non-finite loss exits with 1."""
+    args = build_parser(description).parse_intermixed_args(argv)
+    setup_logging()
+    try:
+        config, checkpoint = resolve_config(args)
+        exp = validate(config, world_size=args.world_size if args.distributed else 1, training=training)
+        if args.neptune:
+            raise ConfigError("--neptune: Neptune logging is not available in this version; run without it")
+        proc = init_process(args.distributed, args.world_size, args.dist_url, args.device, args.gpu)
+        setup_logging(proc.rank)
+        if proc.device.type == "cpu":
+            log.info("running on the CPU%s", " (no CUDA device found)" if args.device == "cuda" else "")
+        return job(args, config, exp, checkpoint, proc)
+    except (ConfigError, CheckpointError, LaunchError) as err:
+        log.error("%s", err)
+        return 2
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+        return 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -31,6 +32,17 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- loading
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader that also reads `1e-6` as a number (YAML 1.1 wants `1.0e-6`)."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read one YAML file that must hold a mapping."""
     path = Path(path)
@@ -38,7 +50,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=ConfigLoader)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if data is None:
@@ -64,8 +76,8 @@ def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
 
     Later bases override earlier ones and the file itself overrides all of its bases.
     """
-    path = Path(path).resolve()
-    if path in _seen:
+    path = Path(path)
+    if path.resolve() in _seen:
         raise ConfigError(f"{path}: `_base_` inheritance loops back to this file")
     data = read_yaml(path)
     bases = data.pop(BASE_KEY, [])
@@ -75,7 +87,7 @@ def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: `{BASE_KEY}` must be a path or a list of paths")
     merged: dict = {}
     for base in bases:
-        merged = deep_merge(merged, load_config(path.parent / base, _seen + (path,)))
+        merged = deep_merge(merged, load_config(path.parent / base, _seen + (path.resolve(),)))
     return deep_merge(merged, data)
 
 
@@ -90,9 +102,13 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
-        value = yaml.safe_load(raw) if raw else None
-        set_by_path(config, key.split("."), value)
+        set_by_path(config, key.split("."), parse_value(raw))
     return config
+
+
+def parse_value(raw: str) -> Any:
+    """A command-line value, read as YAML (`[1, 2]`, `null`, `1e-5`)."""
+    return yaml.load(raw, Loader=ConfigLoader) if raw else None
 
 
 def set_by_path(tree: dict, keys: list[str], value: Any) -> None:

@@ -9,6 +9,10 @@ import torch
 import torch.distributed as dist
 
 
+class LaunchError(RuntimeError):
+    """The processes cannot be set up as asked (missing launcher variables, wrong world size)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ProcessInfo:
     """Where this process stands: its rank among `world_size` and its device."""
@@ -71,16 +75,16 @@ def init_process(distributed: bool, world_size: int, dist_url: str, device: str,
         return ProcessInfo(device=dev)
     launch = launch_env()
     if launch is None:
-        raise RuntimeError(
+        raise LaunchError(
             "--distributed needs a launcher: set RANK and WORLD_SIZE (torchrun does) or "
             "SLURM_PROCID and SLURM_NTASKS (srun does); neither is set"
         )
     if launch["world_size"] != world_size:
-        raise RuntimeError(f"--world-size {world_size} but the launcher started {launch['world_size']} processes")
+        raise LaunchError(f"--world-size {world_size} but the launcher started {launch['world_size']} processes")
     if dist_url == "env://":
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise RuntimeError(f"--distributed with --dist-url env:// needs {' and '.join(missing)} in the environment")
+            raise LaunchError(f"--distributed with --dist-url env:// needs {' and '.join(missing)} in the environment")
     if use_cuda:
         dev = torch.device("cuda", launch["local_rank"])
         torch.cuda.set_device(dev)
