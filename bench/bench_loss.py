@@ -1,0 +1,95 @@
+"""GroCo loss speed: this repository's implementation against a reference-style one (the full
+similarity matrix with gradient and diffsort's dense sorting network), forward + backward.
+
+    python -m bench.bench_loss --batch 256 1024 --dim 2048 --views 2 --device cuda
+
+Prints milliseconds per call for each; no pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import diffsort
+import torch
+import torch.nn.functional as F
+
+from model.loss import GroCo
+
+
+class ReferenceStyleGroCo(torch.nn.Module):
+    """SPEC 1 computed the way the paper's code does it: all similarities with gradient, top-k,
+    diffsort's matrix-product network, torch's BCELoss."""
+
+    def __init__(self, n_augs: int, topk_neg: int = 10, steepness: float = 1.0, device: str = "cpu"):
+        super().__init__()
+        self.n_augs, self.k = n_augs, topk_neg
+        self.sorter = diffsort.DiffSortNet("odd_even", n_augs - 1 + topk_neg, steepness=steepness, device=device)
+        self.bce = torch.nn.BCELoss()
+
+    def forward(self, z: list[torch.Tensor]) -> torch.Tensor:
+        total = 0
+        for a in range(self.n_augs):
+            anchor = z[a].float()
+            pos = torch.stack([F.cosine_similarity(anchor, z[p].float().detach(), dim=1)
+                               for p in range(self.n_augs) if p != a], dim=1)
+            normed = F.normalize(anchor, dim=1, eps=1e-8)
+            sim = normed @ normed.detach().T
+            sim = sim.masked_fill(torch.eye(len(anchor), dtype=torch.bool, device=anchor.device), -float("inf"))
+            neg = torch.topk(sim, self.k, dim=1).values.flip(1)
+            scores = torch.cat((neg, torch.sort(pos, dim=1).values), dim=1)
+            _, perm = self.sorter(scores)
+            n = scores.shape[1]
+            target = (torch.arange(n, device=anchor.device) >= self.k).float().expand(len(anchor), n)
+            pred_pos = perm[:, :, self.k:].sum(2).clamp(0, 1)
+            pred_neg = perm[:, :, : self.k].sum(2).clamp(0, 1)
+            total = total + (self.bce(pred_pos, target) + self.bce(pred_neg, 1 - target)) / 2
+        return total / self.n_augs
+
+
+def time_call(fn, views: list[torch.Tensor], repeats: int) -> float:
+    """Median milliseconds of forward + backward."""
+    def once() -> None:
+        for v in views:
+            v.grad = None
+        fn(views).backward()
+
+    for _ in range(3):
+        once()
+    times = []
+    for _ in range(repeats):
+        if views[0].is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        once()
+        if views[0].is_cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    ours = GroCo(n_augs=args.views)
+    reference = ReferenceStyleGroCo(args.views, device=args.device)
+    print(f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "
+          f"torch {torch.__version__}, {args.views} views, dim {args.dim}, {torch.get_num_threads()} threads")
+    for batch in args.batch:
+        gen = torch.Generator().manual_seed(0)
+        views = [torch.randn(batch, args.dim, generator=gen).to(args.device).requires_grad_()
+                 for _ in range(args.views)]
+        ref_ms = time_call(reference, views, args.repeats)
+        our_ms = time_call(lambda v: ours(v)[0], views, args.repeats)
+        print(f"batch {batch:5d}: reference-style {ref_ms:8.2f} ms   ours {our_ms:8.2f} ms   "
+              f"ratio {our_ms / ref_ms:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,699 @@
+"""Data path (SPEC 5): the shard writer, the augmentation recipes, and the shard and image-folder
+loaders in one process and in two gloo processes, on small real image files.
+
+Every test image is one solid colour, unique in the test set, so the mean colour of a `val` view
+tells which image it came from: that is how "every evaluation sample exactly once" is checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import io
+import json
+import logging
+import multiprocessing
+import pickle
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from data_loader.base import LoaderRuntime
+from data_loader.folder import ImageFolderLoader
+from data_loader.transforms import (
+    MEAN,
+    STD,
+    RandomGaussianBlur,
+    RandomSolarize,
+    UndecodableImageError,
+    build_transform,
+    decode_image,
+)
+from data_loader.webdata import WebLoader, balanced_part
+from preprocessing import create_tar_webdataset as shards_script
+from utils.config import ConfigError, build_block, check_block
+from utils.logging import get_logger
+from utils.registry import DATALOADERS
+
+GRAY = (55, 55, 55)  # off the colour grid below
+
+
+# ----------------------------------------------------------------------------- test images
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    key: str
+    path: Path
+    label: int
+    colour: tuple[int, int, int] | None  # None: a corrupt file
+
+
+def grid_colour(i: int) -> tuple[int, int, int]:
+    """Colours 30 apart in at least one channel for i < 343."""
+    return (40 + 30 * (i % 7), 40 + 30 * (i // 7 % 7), 40 + 30 * (i // 49 % 7))
+
+
+def write_image(path: Path, kind: str, colour: tuple[int, int, int], size: tuple[int, int]) -> None:
+    """A real image file: `rgb`, `cmyk` or `gray` JPEG, `png` (a PNG under a .JPEG name) or
+    `truncated` (the first 60% of a noisy JPEG)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, colour)
+    if kind == "rgb":
+        image.save(path, "JPEG", quality=95)
+    elif kind == "cmyk":
+        image.convert("CMYK").save(path, "JPEG", quality=95)
+    elif kind == "gray":
+        image.convert("L").save(path, "JPEG", quality=95)
+    elif kind == "png":
+        image.convert("RGBA").save(path, "PNG")
+    elif kind == "truncated":
+        noise = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(noise).save(buffer, "JPEG", quality=90)
+        path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 6 // 10])
+    else:
+        raise ValueError(kind)
+
+
+def make_tree(root: Path, layout: dict[str, dict[str, list[str]]], first_colour: int = 0) -> dict[str, list[Entry]]:
+    """root/<split>/<class>/<class>_<i>.JPEG for layout {split: {class: [kind, ...]}}."""
+    classes = sorted(layout["train"])
+    entries: dict[str, list[Entry]] = {}
+    i = first_colour
+    for split, per_class in layout.items():
+        entries[split] = []
+        for name, kinds in per_class.items():
+            for kind in kinds:
+                colour = GRAY if kind == "gray" else (None if kind == "truncated" else grid_colour(i))
+                key = f"{name}_{i:04d}"
+                path = root / split / name / f"{key}.JPEG"
+                write_image(path, kind, colour or (0, 0, 0), (40 + 7 * i % 41, 40 + 11 * i % 37))
+                entries[split].append(Entry(key, path, classes.index(name), colour))
+                i += 1
+    return entries
+
+
+def run_script(raw: Path, out: Path, *extra: str) -> dict[str, int]:
+    return shards_script.main(["--input", str(raw), "--output", str(out), *extra])
+
+
+def shard_keys(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return [m.name[: -len(".image.jpg")] for m in tar.getmembers() if m.name.endswith(".image.jpg")]
+
+
+def shard_pattern(folder: Path, split: str) -> str:
+    n = len(list(folder.glob(f"imagenet-{split}-*.tar")))
+    return f"{folder}/imagenet-{split}-{{000000..{n - 1:06d}}}.tar"
+
+
+def view_colours(view: torch.Tensor) -> torch.Tensor:
+    """`[b, 3, H, W]` normalised -> `[b, 3]` mean colour in 0..255."""
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return ((view * std + mean) * 255).mean(dim=(2, 3))
+
+
+def identify(colours: torch.Tensor, entries: list[Entry]) -> list[str]:
+    """The keys of the entries whose colours match `colours` `[n, 3]` (each within 6 levels)."""
+    known = [e for e in entries if e.colour is not None]
+    table = torch.tensor([e.colour for e in known], dtype=torch.float32)
+    distance, index = torch.cdist(colours.float(), table).min(dim=1)
+    assert bool((distance < 6).all()), f"colours {colours[distance >= 6].tolist()} match no test image"
+    return [known[i].key for i in index.tolist()]
+
+
+MAIN_LAYOUT = {
+    "train": {"n001": ["rgb"] * 7 + ["cmyk"], "n002": ["rgb"] * 7 + ["gray"], "n003": ["rgb"] * 7 + ["png"]},
+    "val": {"n001": ["rgb"] * 3, "n002": ["rgb"] * 4 + ["cmyk"], "n003": ["rgb"] * 5},
+}
+CORRUPT_LAYOUT = {
+    "train": {"c1": ["rgb"] * 5, "c2": ["rgb"] * 2 + ["truncated"] + ["rgb"] * 3},
+    "val": {"c1": ["rgb"] * 2, "c2": ["rgb", "truncated", "rgb"]},
+}
+
+
+@dataclasses.dataclass
+class Data:
+    raw: Path
+    out: Path
+    entries: dict[str, list[Entry]]
+
+    def pattern(self, split: str) -> str:
+        return shard_pattern(self.out / split, split)
+
+    def by_key(self, split: str) -> dict[str, Entry]:
+        return {e.key: e for e in self.entries[split]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Data:
+    """24 train images in 6 shards of 4, 13 val images in 5 shards of 3 (the last holding 1)."""
+    root = tmp_path_factory.mktemp("main")
+    entries = make_tree(root / "raw", MAIN_LAYOUT)
+    run_script(root / "raw", root / "out", "--train-shard-size", "4", "--val-shard-size", "3")
+    return Data(root / "raw", root / "out", entries)
+
+
+@pytest.fixture(scope="module")
+def corrupt(tmp_path_factory) -> Data:
+    """A truncated JPEG in each split: 11 train images (4 shards of 3), 5 val images (2 shards)."""
+    root = tmp_path_factory.mktemp("corrupt")
+    entries = make_tree(root / "raw", CORRUPT_LAYOUT, first_colour=100)
+    run_script(root / "raw", root / "out", "--train-shard-size", "3", "--val-shard-size", "3")
+    return Data(root / "raw", root / "out", entries)
+
+
+@pytest.fixture
+def warnings_of_groco(caplog):
+    """Captures the project logger's warnings (its propagation may be off once logging is set up)."""
+    logger = get_logger()
+    direct = not logger.propagate  # caplog's handler sits on the root logger
+    if direct:
+        logger.addHandler(caplog.handler)
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        yield caplog
+    if direct:
+        logger.removeHandler(caplog.handler)
+
+
+# ----------------------------------------------------------------------------- the shard writer
+
+
+def test_shards_layout_and_metadata(data):
+    train = sorted(p.name for p in (data.out / "train").iterdir())
+    val = sorted(p.name for p in (data.out / "val").iterdir())
+    assert train == [f"imagenet-train-{i:06d}.tar" for i in range(6)]
+    assert val == [f"imagenet-val-{i:06d}.tar" for i in range(5)]
+    assert [len(shard_keys(data.out / "val" / name)) for name in val] == [3, 3, 3, 3, 1]
+    assert all(len(shard_keys(data.out / "train" / name)) == 4 for name in train)
+    metadata = json.loads((data.out / "metadata.json").read_text())
+    assert metadata == {
+        "wnids": ["n001", "n002", "n003"],
+        "classes": ["n001", "n002", "n003"],
+        "wnid_to_idx": {"n001": 0, "n002": 1, "n003": 2},
+        "class_to_idx": {"n001": 0, "n002": 1, "n003": 2},
+    }
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_shard_samples_hold_the_original_bytes(data, split):
+    by_key = data.by_key(split)
+    seen = []
+    for shard in sorted((data.out / split).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        keys = shard_keys(shard)
+        assert sorted(members) == sorted([f"{k}.image.jpg" for k in keys] + [f"{k}.metadata.pyd" for k in keys])
+        for key in keys:
+            entry = by_key[key]
+            assert members[f"{key}.image.jpg"] == entry.path.read_bytes()
+            meta = pickle.loads(members[f"{key}.metadata.pyd"])
+            assert meta == {"cls": entry.label, "wnid": entry.path.parent.name}
+        seen += keys
+    assert sorted(seen) == sorted(by_key)
+
+
+def test_shards_are_shuffled_with_a_fixed_seed(data, tmp_path):
+    written = [k for shard in sorted((data.out / "train").glob("*.tar")) for k in shard_keys(shard)]
+    assert written != sorted(written)
+    run_script(data.raw, tmp_path / "same", "--train-shard-size", "4", "--val-shard-size", "3")
+    run_script(data.raw, tmp_path / "other", "--train-shard-size", "4", "--val-shard-size", "3", "--seed", "1")
+    for name in ("imagenet-train-000000.tar", "imagenet-train-000005.tar"):
+        assert (tmp_path / "same" / "train" / name).read_bytes() == (data.out / "train" / name).read_bytes()
+    other = [k for shard in sorted((tmp_path / "other" / "train").glob("*.tar")) for k in shard_keys(shard)]
+    assert other != written and sorted(other) == sorted(written)
+
+
+def test_torchvision_imagenet_layout(tmp_path):
+    """A folder parsed by torchvision's ImageNet (meta.bin beside train/ and val/): wnids and class
+    names come from its meta."""
+    layout = {"train": {"n01440764": ["rgb"] * 2, "n01443537": ["rgb"] * 3}, "val": {"n01440764": ["rgb"],
+                                                                                     "n01443537": ["rgb"]}}
+    entries = make_tree(tmp_path / "in", layout)
+    names = {"n01440764": ("tench", "Tinca tinca"), "n01443537": ("goldfish", "Carassius auratus")}
+    torch.save((names, ["n01440764", "n01443537"]), tmp_path / "in" / "meta.bin")
+    assert run_script(tmp_path / "in", tmp_path / "out") == {"train": 5, "val": 2}
+    metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert metadata["wnids"] == ["n01440764", "n01443537"]
+    assert metadata["classes"] == [["tench", "Tinca tinca"], ["goldfish", "Carassius auratus"]]
+    assert metadata["class_to_idx"]["Carassius auratus"] == 1 and metadata["wnid_to_idx"]["n01440764"] == 0
+    keys = shard_keys(tmp_path / "out" / "val" / "imagenet-val-000000.tar")
+    assert sorted(keys) == sorted(e.key for e in entries["val"])
+
+
+def test_writer_runs_as_the_readme_command(tmp_path):
+    """`python preprocessing/create_tar_webdataset.py --input ... --output ...` as the seed README says."""
+    entries = make_tree(tmp_path / "in", {"train": {"a": ["rgb"] * 3}, "val": {"a": ["rgb"]}})
+    script = Path(shards_script.__file__)
+    subprocess.run([sys.executable, str(script), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
+                   check=True, capture_output=True, cwd=script.parent.parent)
+    assert sorted(shard_keys(tmp_path / "out" / "train" / "imagenet-train-000000.tar")) == [e.key for e in
+                                                                                            entries["train"]]
+
+
+def test_writer_refuses_bad_inputs(tmp_path):
+    write_image(tmp_path / "dots" / "train" / "a" / "x.y.jpg", "rgb", (1, 2, 3), (40, 40))
+    with pytest.raises(ValueError, match=r"x\.y\.jpg"):
+        run_script(tmp_path / "dots", tmp_path / "o1", "--splits", "train")
+    for name in ("a", "b"):
+        write_image(tmp_path / "dup" / "train" / name / "img.jpg", "rgb", (1, 2, 3), (40, 40))
+    with pytest.raises(ValueError, match="same key 'img'"):
+        run_script(tmp_path / "dup", tmp_path / "o2", "--splits", "train")
+    with pytest.raises(FileNotFoundError, match="val"):
+        run_script(tmp_path / "dots", tmp_path / "o3")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        run_script(tmp_path / "nothing", tmp_path / "o4")
+
+
+def test_writer_verify_names_the_truncated_file(corrupt, tmp_path):
+    with pytest.raises(ValueError, match=r"2 undecodable.*c2_0107\.JPEG"):
+        run_script(corrupt.raw, tmp_path / "out", "--verify")
+    assert not (tmp_path / "out").exists()
+
+
+def test_writer_keeps_earlier_shards_unless_overwrite(data, tmp_path):
+    run_script(data.raw, tmp_path, "--splits", "val")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_script(data.raw, tmp_path, "--splits", "val")
+    assert run_script(data.raw, tmp_path, "--splits", "val", "--val-shard-size", "100", "--overwrite") == {"val": 13}
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["imagenet-val-000000.tar"]
+
+
+def test_interrupted_writer_leaves_no_partial_shard(data, tmp_path):
+    records = shards_script.make_records([(str(e.path), e.label) for e in data.entries["val"]], ["a", "b", "c"], 0)
+    records[7] = dataclasses.replace(records[7], path=str(tmp_path / "vanished.JPEG"))
+    with pytest.raises(FileNotFoundError, match="vanished"):
+        shards_script.write_split(records, tmp_path / "val", "val", 3, overwrite=False)
+    left = sorted(p.name for p in (tmp_path / "val").iterdir())
+    assert left == ["imagenet-val-000000.tar", "imagenet-val-000001.tar"]
+
+
+# ----------------------------------------------------------------------------- recipes and decoding
+
+
+@pytest.mark.parametrize(
+    ("recipe", "n_augs", "sizes"),
+    [
+        ("val", 1, [224]),
+        ("val_bicubic_inter", 1, [224]),
+        ("linear_prob", 1, [224]),
+        ("simclr", 3, [224] * 3),
+        ("dino", 2, [224] * 2),
+        ("dino", 3, [224] * 3),
+        ("dino", 4, [224] * 4),
+        ("dino_multicrop", 8, [224] * 2 + [96] * 6),
+    ],
+)
+def test_recipe_views(recipe, n_augs, sizes):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    views = build_transform(recipe, n_augs)(image)
+    assert [tuple(v.shape) for v in views] == [(3, s, s) for s in sizes]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
+
+
+def test_dino_view_patterns():
+    """3 views are [1, 2, 1], 4 views [1, 2, 1, 2]; multi-crop is the two global views + 6 local."""
+    three, four, multi = build_transform("dino", 3), build_transform("dino", 4), build_transform("dino_multicrop", 8)
+    assert three.views[2] is three.views[0] and three.views[1] is not three.views[0]
+    assert four.views[2] is four.views[0] and four.views[3] is four.views[1]
+    assert "RandomSolarize" in repr(four.views[1]) and "RandomSolarize" not in repr(four.views[0])
+    assert "p=1.0" in repr(four.views[0]) and "p=0.1" in repr(four.views[1])
+    assert [v.transforms[0].size for v in multi.views] == [(224, 224)] * 2 + [(96, 96)] * 6
+    assert multi.views[2].transforms[0].scale == (0.05, 0.14) and multi.views[0].transforms[0].scale == (0.14, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "n_augs"),
+    [("val", 2), ("val_bicubic_inter", 0), ("linear_prob", 2), ("simclr", 0), ("dino", 1), ("dino", 5),
+     ("dino_multicrop", 2)],
+)
+def test_recipe_rejects_a_view_count_it_does_not_make(recipe, n_augs):
+    with pytest.raises(ConfigError, match=f"n_augs.*'{recipe}'.*n_augs={n_augs}"):
+        build_transform(recipe, n_augs)
+
+
+def test_unknown_recipe():
+    with pytest.raises(ConfigError, match="'mocov3'.*dino_multicrop"):
+        build_transform("mocov3", 2)
+
+
+def test_blur_and_solarisation():
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    pixels = np.asarray(noise, dtype=float)
+    blurred = np.asarray(RandomGaussianBlur(p=1.0, radius_min=2.0, radius_max=2.0)(noise), dtype=float)
+    assert blurred.std() < pixels.std() / 2
+    assert RandomGaussianBlur(p=0.0)(noise) is noise and RandomSolarize(p=0.0)(noise) is noise
+    solarised = np.asarray(RandomSolarize(p=1.0)(noise), dtype=float)
+    assert np.array_equal(solarised, np.where(pixels >= 128, 255 - pixels, pixels))
+
+
+@pytest.mark.parametrize("kind", ["rgb", "cmyk", "gray", "png"])
+def test_decode_gives_rgb(tmp_path, kind):
+    path = tmp_path / "x.JPEG"
+    colour = GRAY if kind == "gray" else (100, 160, 220)
+    write_image(path, kind, colour, (45, 61))
+    image = decode_image(path.read_bytes(), str(path))
+    assert image.mode == "RGB" and image.size == (45, 61)
+    assert np.abs(np.asarray(image, dtype=float).reshape(-1, 3).mean(0) - colour).max() < 3
+
+
+def test_decode_names_a_truncated_file(tmp_path):
+    write_image(tmp_path / "bad.JPEG", "truncated", (0, 0, 0), (64, 64))
+    with pytest.raises(UndecodableImageError, match="bad.JPEG.*truncated"):
+        decode_image((tmp_path / "bad.JPEG").read_bytes(), "bad.JPEG")
+
+
+# ----------------------------------------------------------------------------- shard loader, one process
+
+
+def web(pattern: str, dataset_size: int, shuffle: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+        **kw) -> WebLoader:
+    return WebLoader(LoaderRuntime(rank, world, seed), pattern, dataset_size, shuffle, batch_size, **kw)
+
+
+def test_reference_config_blocks_build_without_data(tmp_path):
+    """The loader blocks of the paper's configs validate and build (a dry run) with no data present."""
+    web_args = {"shards": str(tmp_path / "train/imagenet-train-{000000..000639}.tar"), "dataset_size": 1280000,
+                "shuffle": 10000, "num_workers": 16, "batch_size": 1024, "transform_type": "dino", "n_augs": 2}
+    folder_args = {"root": str(tmp_path / "original"), "shuffle": False, "num_workers": 16, "batch_size": 512,
+                   "train": False}
+    for kind, args in (("web_dataloader", web_args), ("image_folder_dataloader", folder_args)):
+        block = {"type": kind, "args": args}
+        check_block(block, DATALOADERS, "train_dataloader")
+        loader = build_block(block, DATALOADERS, runtime=LoaderRuntime(rank=3, world_size=8))
+        assert (loader.global_batch_size, loader.batch_size) == (args["batch_size"], args["batch_size"] // 8)
+    assert len(build_block({"type": "web_dataloader", "args": web_args}, DATALOADERS, runtime=LoaderRuntime())) == 1250
+    val = web(str(tmp_path / "val/imagenet-val-{000000..000099}.tar"), 50000, 0, 4096, rank=7, world=8)
+    assert len(val) == 13 and val.num_samples == 50000  # 12 or 13 shards of 500 per process, 512 a batch
+    with pytest.raises(ConfigError, match="n_augs.*'val'"):
+        build_block({"type": "web_dataloader", "args": {**web_args, "transform_type": "val"}}, DATALOADERS,
+                    runtime=LoaderRuntime())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_web_evaluation_reads_every_sample_once(data, num_workers):
+    loader = web(data.pattern("val"), 13, 0, 4, train=False, num_workers=num_workers)
+    keys, labels = [], []
+    for views, target in loader:
+        assert len(views) == 1 and views[0].shape[1:] == (3, 224, 224) and 1 <= len(target) <= 4
+        assert target.dtype == torch.int64
+        keys += identify(view_colours(views[0]), data.entries["val"])
+        labels += target.tolist()
+    assert sorted(keys) == sorted(data.by_key("val"))
+    assert labels == [data.by_key("val")[k].label for k in keys]
+    if num_workers == 0:  # one reader: the shards' own order
+        assert keys == [k for s in sorted((data.out / "val").glob("*.tar")) for k in shard_keys(s)]
+
+
+def test_web_evaluation_of_the_train_shards_with_train_true_and_no_shuffle(data):
+    """eval_knn.yaml's bank: `train: true, shuffle: 0` reads every sample once, the last batch short."""
+    loader = web(data.pattern("train"), 24, 0, 10, train=True, num_workers=0)
+    batches = list(loader)
+    assert [len(t) for _, t in batches] == [10, 10, 4] and len(loader) == 3
+    keys = [k for views, _ in batches for k in identify(view_colours(views[0]), data.entries["train"])]
+    assert sorted(keys) == sorted(data.by_key("train"))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_web_training_batches(data, num_workers):
+    loader = web(data.pattern("train"), 24, 5, 8, transform_type="dino", n_augs=2, num_workers=num_workers)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3
+    for views, target in batches:
+        assert [tuple(v.shape) for v in views] == [(8, 3, 224, 224)] * 2
+        assert target.dtype == torch.int64 and set(target.tolist()) <= {0, 1, 2}
+
+
+def test_web_multicrop_batches(data):
+    loader = web(data.pattern("train"), 8, 3, 4, transform_type="dino_multicrop", n_augs=8, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == 2
+    views, target = batches[0]
+    assert [tuple(v.shape) for v in views] == [(4, 3, 224, 224)] * 2 + [(4, 3, 96, 96)] * 6 and len(target) == 4
+
+
+def test_web_training_epochs(data):
+    """An epoch's order is fixed by (seed, epoch); with a one-sample buffer (no mixing across the
+    stream's passes) one reader reads every sample once an epoch, the shards in a new order."""
+
+    def epoch_keys(epoch: int, num_workers: int, shuffle: int = 6) -> list[str]:
+        loader = web(data.pattern("train"), 24, shuffle, 6, seed=3, num_workers=num_workers)
+        loader.set_epoch(epoch)
+        return [k for views, _ in loader for k in identify(view_colours(views[0]), data.entries["train"])]
+
+    first = epoch_keys(0, 1)
+    assert epoch_keys(0, 1) == first and epoch_keys(1, 1) != first
+    assert epoch_keys(2, 2) == epoch_keys(2, 2) != epoch_keys(3, 2)
+    fifo = [epoch_keys(e, 1, shuffle=1) for e in (0, 1)]
+    assert sorted(fifo[0]) == sorted(fifo[1]) == sorted(data.by_key("train")) and fifo[0] != fifo[1]
+
+
+def test_web_training_skips_and_counts_a_corrupt_image(corrupt, warnings_of_groco):
+    """15 samples a epoch out of 10 decodable ones: the stream reads the corrupt one at least once."""
+    loader = web(corrupt.pattern("train"), 15, 4, 5, num_workers=0)
+    batches = list(loader)
+    assert [len(t) for _, t in batches] == [5, 5, 5]
+    keys = [k for views, _ in batches for k in identify(view_colours(views[0]), corrupt.entries["train"])]
+    assert set(keys) == {e.key for e in corrupt.entries["train"] if e.colour is not None}
+    records = [r.getMessage() for r in warnings_of_groco.records if "undecodable" in r.getMessage()]
+    assert records and "(1 skipped" in records[0] and "imagenet-train-" in records[0] and "key c2_0107" in records[0]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_web_evaluation_stops_at_a_corrupt_image(corrupt, num_workers):
+    loader = web(corrupt.pattern("val"), 5, 0, 2, train=False, num_workers=num_workers)
+    with pytest.raises(UndecodableImageError, match=r"shard \S+imagenet-val-00000[01]\.tar, key c2_0114"):
+        list(loader)
+
+
+def test_web_loader_refusals(data):
+    with pytest.raises(ConfigError, match="batch_size: 10.*3 processes"):
+        web(data.pattern("train"), 24, 5, 10, world=3)
+    with pytest.raises(ConfigError, match="6 shards.*2 processes x 4 workers"):
+        web(data.pattern("train"), 24, 5, 8, world=2, num_workers=4)
+    with pytest.raises(ConfigError, match="no training step"):
+        web(data.pattern("train"), 6, 5, 8)
+    web(data.pattern("val"), 13, 0, 8, world=2, num_workers=4, train=False)  # evaluation: fine
+
+
+def test_balanced_part_covers_every_item_once():
+    for n in range(0, 12):
+        for world in range(1, 5):
+            parts = [balanced_part(n, r, world) for r in range(world)]
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+# ----------------------------------------------------------------------------- image-folder loader, one process
+
+
+def folder(root: Path, shuffle: bool, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+           **kw) -> ImageFolderLoader:
+    return ImageFolderLoader(LoaderRuntime(rank, world, seed), str(root), shuffle, batch_size, **kw)
+
+
+def test_folder_loader_scans_lazily(tmp_path):
+    loader = folder(tmp_path / "absent", True, 8, transform_type="dino", n_augs=2)
+    assert loader.batch_size == 8
+    with pytest.raises(FileNotFoundError, match="absent/train"):
+        len(loader)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_folder_evaluation_in_dataset_order(data, num_workers):
+    loader = folder(data.raw, False, 5, train=False, num_workers=num_workers)
+    batches = list(loader)
+    assert [len(t) for _, t in batches] == [5, 5, 3] and len(loader) == 3
+    keys = [k for views, _ in batches for k in identify(view_colours(views[0]), data.entries["val"])]
+    assert keys == sorted(data.by_key("val"))  # class folders then file names, all sorted
+    assert [t for _, target in batches for t in target.tolist()] == [data.by_key("val")[k].label for k in keys]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_folder_training_epochs(data, num_workers):
+    def epoch(e: int) -> tuple[list[str], list[list[tuple[int, ...]]]]:
+        loader = folder(data.raw, True, 10, seed=1, num_workers=num_workers)
+        loader.set_epoch(e)
+        batches = list(loader)
+        keys = [k for views, _ in batches for k in identify(view_colours(views[0]), data.entries["train"])]
+        return keys, [[tuple(v.shape) for v in views] for views, _ in batches]
+
+    keys, shapes = epoch(0)
+    assert shapes == [[(10, 3, 224, 224)]] * 2 and len(set(keys)) == 20
+    assert epoch(0)[0] == keys and epoch(1)[0] != keys
+
+
+def test_folder_training_multicrop(data):
+    loader = folder(data.raw, True, 6, transform_type="dino_multicrop", n_augs=8, num_workers=2)
+    views, target = next(iter(loader))
+    assert [tuple(v.shape) for v in views] == [(6, 3, 224, 224)] * 2 + [(6, 3, 96, 96)] * 6 and len(target) == 6
+
+
+def test_folder_training_refills_a_batch_with_a_corrupt_image(corrupt, warnings_of_groco):
+    loader = folder(corrupt.raw, True, 11)
+    [(views, target)] = list(loader)
+    assert views[0].shape[0] == len(target) == 11
+    keys = identify(view_colours(views[0]), corrupt.entries["train"])
+    assert set(keys) == {e.key for e in corrupt.entries["train"] if e.colour is not None}
+    [record] = [r for r in warnings_of_groco.records if "undecodable" in r.getMessage()]
+    assert "c2_0107.JPEG" in record.getMessage() and "1 skipped" in record.getMessage()
+
+
+def test_folder_evaluation_stops_at_a_corrupt_image(corrupt):
+    """(The error's way out of a worker process is the same as in the shard loader's test.)"""
+    with pytest.raises(UndecodableImageError, match=r"c2_0114\.JPEG"):
+        list(folder(corrupt.raw, False, 2, train=False))
+
+
+# ----------------------------------------------------------------------------- two gloo processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_pass(loader) -> dict:
+    """Iterate a training loader with a collective every step (as DDP has): a process with more
+    steps than the other would wait here until the gloo timeout."""
+    shapes = []
+    for views, target in loader:
+        dist.all_reduce(torch.ones(1))
+        shapes.append([tuple(v.shape) for v in views] + [tuple(target.shape)])
+    steps = torch.tensor([len(shapes)])
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    return {"shapes": shapes, "len": len(loader), "max_steps": int(steps)}
+
+
+def eval_pass(loader) -> dict:
+    colours, labels = [], []
+    for views, target in loader:
+        colours.append(view_colours(views[0]))
+        labels += target.tolist()
+    return {"colours": torch.cat(colours) if colours else torch.zeros(0, 3), "labels": labels}
+
+
+def distributed_worker(rank: int, world: int, port: int, out: str, raw: str, train: str, val: str) -> None:
+    # A process started by torchrun forks its DataLoader workers (Linux's default); one started by
+    # mp.spawn would spawn them, re-importing torch in each (seconds apiece).
+    multiprocessing.set_start_method("fork", force=True)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    runtime = LoaderRuntime(rank, world, seed=5)
+    result = {
+        "web_val": eval_pass(WebLoader(runtime, val, 13, 0, 4, num_workers=1, train=False)),
+        "web_train": train_pass(WebLoader(runtime, train, 24, 6, 8, num_workers=2, transform_type="dino", n_augs=2)),
+        "folder_val": eval_pass(ImageFolderLoader(runtime, raw, False, 4, num_workers=2, train=False)),
+        "folder_train": train_pass(ImageFolderLoader(runtime, raw, True, 6, num_workers=0, transform_type="simclr",
+                                                     n_augs=3)),
+    }
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(data, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ranks")
+    args = (2, free_port(), str(out), str(data.raw), data.pattern("train"), data.pattern("val"))
+    mp.spawn(distributed_worker, args=args, nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_two_processes_web_evaluation(data, two_processes):
+    """5 val shards over 2 processes: rank 0 reads shards 0-1, rank 1 shards 2-4; gathered in rank
+    order they give every sample once, in the shards' order."""
+    keys = [identify(r["web_val"]["colours"], data.entries["val"]) for r in two_processes]
+    shards = sorted((data.out / "val").glob("*.tar"))
+    assert keys[0] == [k for s in shards[:2] for k in shard_keys(s)]
+    assert keys[1] == [k for s in shards[2:] for k in shard_keys(s)]
+    assert [r["web_val"]["labels"] for r in two_processes] == [[data.by_key("val")[k].label for k in ks] for ks in keys]
+
+
+def test_two_processes_web_training(two_processes):
+    for r in two_processes:
+        assert r["web_train"]["len"] == r["web_train"]["max_steps"] == len(r["web_train"]["shapes"]) == 3
+        assert r["web_train"]["shapes"] == [[(4, 3, 224, 224), (4, 3, 224, 224), (4,)]] * 3
+
+
+def test_two_processes_folder_evaluation(data, two_processes):
+    keys = [identify(r["folder_val"]["colours"], data.entries["val"]) for r in two_processes]
+    assert keys[0] + keys[1] == sorted(data.by_key("val")) and len(keys[0]) == 7
+
+
+def test_two_processes_folder_training(two_processes):
+    for r in two_processes:
+        assert r["folder_train"]["len"] == r["folder_train"]["max_steps"] == 4
+        assert r["folder_train"]["shapes"] == [[(3, 3, 224, 224)] * 3 + [(3,)]] * 4
+
+
+# ----------------------------------------------------------------------------- train.py on real data
+
+
+def small_config(train_block: dict, bank_block: dict, val_block: dict, save_dir: Path) -> dict:
+    """A tiny ResNet-18 trained for one epoch with GroCo and evaluated by k-NN."""
+    return {
+        "train_dataloader": train_block,
+        "valid_dataloader": [bank_block, val_block],
+        "encoder": {"type": "RegularEncoder", "args": {"arch": "resnet18", "width": 8}},
+        "projection": {"type": "RegularProjection", "args": {"num_layers": 2, "output_dim": 32}},
+        "loss": {"type": "GroCo", "args": {"n_augs": 2, "topk_neg": 5}},
+        "base_learning_rate": 0.1,
+        "warmup_epochs": 0,
+        "optimizer": {"type": "SGD", "args": {"momentum": 0.9, "weight_decay": 1.0e-6}},
+        "trainer": {"epochs": 1, "init_val": True, "log_step": 1},
+        "seed": 0,
+        "save_dir": str(save_dir),
+        "evaluator": [{"type": "KNNEvaluator", "args": {"k": [3], "num_classes": 3, "log_name": "_online"}}],
+    }
+
+
+def run_one_epoch(config: dict, tmp_path: Path, name: str) -> tuple[dict, list[dict]]:
+    import train
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    results = tmp_path / "results.json"
+    assert train.main(["--config", str(path), "--device", "cpu", "--results-json", str(results)]) == 0
+    run = next((tmp_path / "models" / name).iterdir())
+    steps = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
+    return json.loads(results.read_text()), steps
+
+
+def test_train_one_epoch_from_shards(data, tmp_path):
+    """24 training images, global batch 12: two GroCo steps, then k-NN of the 13 val images on the
+    24-image bank, with a result for every query."""
+    train = {"type": "web_dataloader", "args": {"shards": data.pattern("train"), "dataset_size": 24, "shuffle": 8,
+                                                "batch_size": 12, "transform_type": "dino", "n_augs": 2}}
+    bank = {"type": "web_dataloader", "args": {"shards": data.pattern("train"), "dataset_size": 24, "shuffle": 0,
+                                               "batch_size": 8, "train": True}}
+    val = {"type": "web_dataloader", "args": {"shards": data.pattern("val"), "dataset_size": 13, "shuffle": 0,
+                                              "batch_size": 8, "train": False}}
+    results, steps = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "shards")
+    assert [s["step"] for s in steps] == [0, 1] and all(np.isfinite(s["loss"]) for s in steps)
+    for phase in ("initial", "final"):
+        accuracy = results[phase]["knn@3_online"]
+        assert 0.0 <= accuracy <= 1.0 and (accuracy * 13) == pytest.approx(round(accuracy * 13))
+
+
+def test_train_one_epoch_from_an_image_folder(data, tmp_path):
+    train = {"type": "image_folder_dataloader", "args": {"root": str(data.raw), "shuffle": True, "batch_size": 12,
+                                                         "transform_type": "dino", "n_augs": 2}}
+    bank = {"type": "image_folder_dataloader", "args": {"root": str(data.raw), "shuffle": False, "batch_size": 8,
+                                                        "train": True}}
+    val = {"type": "image_folder_dataloader", "args": {"root": str(data.raw), "shuffle": False, "batch_size": 8,
+                                                       "train": False}}
+    results, steps = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "folders")
+    assert [s["step"] for s in steps] == [0, 1] and all(np.isfinite(s["loss"]) for s in steps)
+    assert set(results["final"]) == {"train_loss", "lr", "knn@3_online"}

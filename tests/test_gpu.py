@@ -1,0 +1,52 @@
+"""CUDA paths: the loss on the GPU, and training with float16 (+ loss scaler) and bfloat16.
+Skipped without a CUDA device (CI has none); run on a GPU machine with `pytest -m gpu`."""
+
+import json
+
+import pytest
+import torch
+
+from model.loss import GroCo
+from trainer.checkpoint import load_checkpoint
+
+from .conftest import QUICKSTART, only_run_dir, run_train
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("n_views,n_pos", [(2, 2), (8, 2)])
+def test_groco_on_cuda_equals_cpu(n_views, n_pos):
+    gen = torch.Generator().manual_seed(0)
+    views = [torch.randn(64, 128, generator=gen) for _ in range(n_views)]
+    loss_fn = GroCo(n_augs=n_views, n_pos_augs=n_pos)
+    cpu = [v.clone().requires_grad_() for v in views]
+    gpu = [v.cuda().requires_grad_() for v in views]
+    loss_cpu, loss_gpu = loss_fn(cpu)[0], loss_fn(gpu)[0]
+    loss_cpu.backward()
+    loss_gpu.backward()
+    torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=1e-5, atol=1e-6)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_groco_under_autocast_computes_in_float32():
+    views = [torch.randn(32, 64, device="cuda", dtype=torch.float16) for _ in range(2)]
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss, info = GroCo(n_augs=2)(views)
+    assert loss.dtype == torch.float32 and info["info_pos_max"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["true", "bf16"])
+def test_quickstart_trains_on_cuda_in_mixed_precision(tmp_path, precision):
+    results = tmp_path / "results.json"
+    code = run_train("--config", QUICKSTART, f"save_dir={tmp_path}", f"trainer.mixed_precision={precision}",
+                     "--epochs", "10", "evaluator.0.args.apply_evaluator_per_epoch=10", "--results-json", results)
+    assert code == 0
+    metrics = json.loads(results.read_text())
+    assert metrics["final"]["knn@20_online"] > metrics["initial"]["knn@20_online"] + 0.08
+    ckpt = load_checkpoint(only_run_dir(tmp_path, "quickstart") / "latest_model.pth")
+    scaler = ckpt["scaler"]
+    if precision == "true":
+        assert scaler["scale"] > 0  # an enabled float16 scaler keeps its state
+    else:
+        assert scaler == {}  # bf16 needs no scaler

@@ -1,0 +1,179 @@
+"""train.py / eval.py end to end on the bundled digits: dry run, bad input, checkpoints, exact
+resume, a non-finite loss, and the quickstart's learning."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from trainer.checkpoint import CheckpointError, load_checkpoint, load_module_state, save_checkpoint
+from trainer.setup import build_model
+from utils.config import load_config
+from utils.dist import ProcessInfo
+from utils.schema import validate
+
+from .conftest import QUICKSTART, ROOT, last_json_line, only_run_dir, run_eval, run_train
+
+FAST = ["evaluator=null", "trainer.init_val=false"]
+
+
+def test_dry_run_prints_settings_and_json_summary(tmp_path):
+    """A fresh process: the CPU is picked by itself and said so; nothing is written."""
+    out = subprocess.run(
+        [sys.executable, "train.py", "--config", str(QUICKSTART), "--dry-run", f"save_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    summary = last_json_line(out.stdout)
+    assert summary["learning_rate"] == pytest.approx(8.0)  # 1.0 * 32 * 256 / 1024
+    assert summary["batch_size_per_process"] == 256 and summary["epochs"] == 50 and summary["loss"] == "GroCo"
+    assert summary["steps_per_epoch"] == 5 and summary["warmup_steps"] == 10 and summary["total_steps"] == 250
+    assert "base_learning_rate: 1.0" in out.stdout
+    if not torch.cuda.is_available():
+        assert "running on the CPU (no CUDA device found)" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_overrides_and_eval_dry_run(tmp_path, capsys):
+    argv = ["--config", QUICKSTART, "--dry-run", "--epochs", "7", "base_learning_rate=0.5", f"save_dir={tmp_path}"]
+    assert run_train(*argv) == 0
+    summary = last_json_line(capsys.readouterr().out)
+    assert summary["epochs"] == 7 and summary["learning_rate"] == pytest.approx(4.0)
+    assert run_eval("--config", QUICKSTART, "--dry-run", "--device", "cpu") == 0
+    summary = last_json_line(capsys.readouterr().out)
+    assert summary["evaluators"] == ["KNNEvaluator"]
+    assert summary["batch_size_per_process"] == {"train_dataloader": 256, "valid_dataloader.0": 512,
+                                                 "valid_dataloader.1": 512}
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--config", "configs/none.yaml"], "config file not found: configs/none.yaml"),
+        (["loss.type=Sorter"], "loss.type: unknown loss type 'Sorter'; valid types: GroCo"),
+        (["trainer.epochz=2"], "trainer.epochz: unknown key"),
+        (["--resume", "nowhere/latest_model.pth"], "checkpoint not found: nowhere/latest_model.pth"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
+    argv = ["--config", QUICKSTART, f"save_dir={tmp_path}"]
+    if extra[0] == "--config":
+        argv = [*extra, f"save_dir={tmp_path}"]
+    else:
+        argv += extra
+    assert run_train(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ERROR" in err[0] and message in err[0]
+    assert not (tmp_path / "models").exists()
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys, small_quickstart):
+    assert run_train(*small_quickstart, "--epochs", "1", *FAST) == 0
+    run = only_run_dir(tmp_path, "quickstart")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    bogus = run / "config.yaml"
+    capsys.readouterr()
+    assert run_train("--resume", bogus, "--device", "cpu") == 2
+    assert "is not a readable checkpoint" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert run_eval("--resume", bogus, "--device", "cpu") == 2
+
+
+def test_checkpoint_format_and_module_prefix(tmp_path, small_quickstart):
+    assert run_train(*small_quickstart, "--epochs", "1", *FAST) == 0
+    run = only_run_dir(tmp_path, "quickstart")
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "latest_model.pth", "metrics.jsonl",
+                                                    "results.json", "train.log"]
+    ckpt = load_checkpoint(run / "latest_model.pth")
+    assert {"epoch", "step", "encoder", "projection", "optimizer", "config"} <= set(ckpt)
+    assert ckpt["epoch"] == 0 and ckpt["step"] == 5
+    assert "encoder.conv1.weight" in ckpt["encoder"] and "projection.0.weight" in ckpt["projection"]
+    assert ckpt["config"]["derived"]["learning_rate"] == pytest.approx(8.0)
+    saved_config = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved_config["trainer"]["epochs"] == 1 and saved_config["name"] == "quickstart"
+
+    # the released format: DDP keys with `module.`, the legacy serialisation
+    released = dict(ckpt)
+    released["encoder"] = {f"module.{k}": v for k, v in ckpt["encoder"].items()}
+    released["projection"] = {f"module.{k}": v for k, v in ckpt["projection"].items()}
+    legacy = tmp_path / "released.pth"
+    torch.save(released, legacy, _use_new_zipfile_serialization=False)
+    exp = validate(load_config(QUICKSTART))
+    for state in (ckpt, load_checkpoint(legacy)):
+        net = build_model(exp, ProcessInfo())
+        load_module_state(net.encoder, state["encoder"], "encoder")
+        load_module_state(net.projection, state["projection"], "projection")
+        for name, value in net.encoder.state_dict().items():
+            assert torch.equal(value, ckpt["encoder"][name])
+
+    broken = {k: v for k, v in ckpt["encoder"].items() if k != "encoder.fc.weight" and "layer4.1.bn2" not in k}
+    broken["encoder.extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"missing keys \['encoder.layer4.1.bn2.weight'.*unexpected keys "
+                                              r"\['encoder.extra.weight'\]"):
+        load_module_state(build_model(exp, ProcessInfo()).encoder, broken, "encoder")
+
+
+def test_atomic_save_leaves_no_temporary(tmp_path):
+    save_checkpoint({"epoch": 0, "encoder": {}}, tmp_path / "latest_model.pth")
+    assert [p.name for p in tmp_path.iterdir()] == ["latest_model.pth"]
+
+
+def test_resume_continues_exactly(tmp_path, small_quickstart):
+    """2 epochs in one go == 1 epoch, then --resume for the second (same weights, bit for bit)."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    base = [a for a in small_quickstart if not str(a).startswith("save_dir=")]
+    assert run_train(*base, f"save_dir={straight}", "--epochs", "2", *FAST) == 0
+    assert run_train(*base, f"save_dir={split}", "--epochs", "1", *FAST) == 0
+    first = only_run_dir(split, "quickstart")
+    assert run_train("--resume", first / "latest_model.pth", "--epochs", "2", "--device", "cpu") == 0
+    resumed = [p for p in (split / "models" / "quickstart").iterdir() if p != first]
+    assert len(resumed) == 1
+    a = load_checkpoint(only_run_dir(straight, "quickstart") / "latest_model.pth")
+    b = load_checkpoint(resumed[0] / "latest_model.pth")
+    assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"] == 10
+    for part in ("encoder", "projection"):
+        for name, value in a[part].items():
+            assert torch.equal(value, b[part][name]), f"{part}.{name} differs"
+    for pid, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
+    losses = [[json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"loss"' in line]
+              for run in (only_run_dir(straight, "quickstart"), resumed[0])]
+    assert losses[0][5:] == losses[1]  # the second epoch's step losses agree too
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, small_quickstart):
+    assert run_train(*small_quickstart, "--epochs", "1", *FAST) == 0
+    good = only_run_dir(tmp_path, "quickstart") / "latest_model.pth"
+    good_bytes = good.read_bytes()
+    capsys.readouterr()
+    code = run_train("--resume", good, "--epochs", "2", "base_learning_rate=1e30", "warmup_epochs=0",
+                     "--device", "cpu")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "the loss became non-finite in epoch 1" in err and "last good checkpoint" in err
+    assert good.read_bytes() == good_bytes
+    new_runs = [p for p in (tmp_path / "models" / "quickstart").iterdir() if p != good.parent]
+    assert len(new_runs) == 1 and not (new_runs[0] / "latest_model.pth").exists()
+
+
+def test_quickstart_learns(tmp_path, small_quickstart):
+    """A shortened quickstart (12 epochs) still lifts held-out k-NN accuracy far above its start."""
+    results = tmp_path / "results.json"
+    code = run_train(*small_quickstart, "--epochs", "12", "evaluator.0.args.apply_evaluator_per_epoch=12",
+                     "--results-json", results)
+    assert code == 0
+    metrics = json.loads(results.read_text())
+    start, end = metrics["initial"]["knn@20_online"], metrics["final"]["knn@20_online"]
+    assert end >= 0.85 and end - start >= 0.12, (start, end)
+    run = only_run_dir(tmp_path, "quickstart")
+    assert json.loads((run / "results.json").read_text()) == metrics
+    steps = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
+    assert len(steps) == 60 and {"lr", "grad_norm", "samples_per_s", "info_pos_neg_dist"} <= set(steps[0])
+    assert steps[0]["lr"] == 0.0  # warm-up starts at zero (SPEC 7)
+
+    # eval.py on the trained checkpoint reproduces the online k-NN
+    assert run_eval("--resume", run / "latest_model.pth", "--device", "cpu", "--results-json",
+                    tmp_path / "eval.json") == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["final"]["knn@20_online"] == pytest.approx(end)
