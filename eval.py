@@ -1,11 +1,20 @@
-"""Evaluate an encoder with k-NN or linear probing (SPEC 6): parse the command line, load the
-checkpoint's config (updated by --config), load the encoder strictly, run the evaluators once.
-See README.md for the commands."""
+"""Evaluate an encoder with k-NN or linear probing (SPEC 6, 7, 9): parse the command line, load the
+checkpoint's config (`config.yaml` beside it, else the one stored in it) updated by --config,
+load the encoder strictly (keys with or without DDP's `module.`), run the evaluators once.
+
+    python eval.py --config configs/eval_knn.yaml --resume CKPT [--name N] [--gpu 0] [--results-json PATH]
+    torchrun --standalone --nproc_per_node=4 eval.py --distributed --world-size 4 \\
+        --config configs/eval_linear_probing.yaml --resume CKPT -name N
+
+Feature extraction runs in float32, as the reference's evaluation did, whatever the training
+config's `trainer.mixed_precision` says. See README.md and pretrained/README.md.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import yaml
 
@@ -16,6 +25,7 @@ from trainer.run_dir import RunDir, write_json
 from trainer.setup import build_encoder, build_evaluations, seed_everything
 from utils.cli import print_summary, run_entry
 from utils.config import ConfigError
+from utils.logging import log_to_file
 from utils.schema import loader_blocks
 
 log = logging.getLogger("groco")
@@ -26,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args, config, exp, checkpoint, proc) -> int:
+    """Build the encoder and the evaluators, check them, then run every evaluator once."""
     if not exp.evaluator:
         raise ConfigError("evaluator: eval.py needs at least one evaluator in the config")
     seed = exp.seed if exp.seed is not None else 0
@@ -33,11 +44,11 @@ def evaluate(args, config, exp, checkpoint, proc) -> int:
     encoder = build_encoder(exp).to(proc.device)
     if checkpoint is not None:
         load_module_state(encoder, checkpoint["encoder"], f"{args.resume}: encoder")
+        log.info("encoder loaded from %s (epoch %s done)", args.resume, checkpoint.get("epoch"))
     else:
         log.warning("no --resume: evaluating a randomly initialised encoder")
     evaluations = build_evaluations(exp, LoaderRuntime(proc.rank, proc.world_size, seed), proc.distributed)
-    trainer_settings = exp.trainer.mixed_precision if exp.trainer else False
-    precision = make_precision(trainer_settings, proc.device)
+    precision = make_precision(False, proc.device)
     if args.dry_run:
         sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
         print_summary(dry_run_summary(exp, evaluations, proc, precision))
@@ -45,11 +56,9 @@ def evaluate(args, config, exp, checkpoint, proc) -> int:
     run = RunDir.create(exp.save_dir, config["name"]) if proc.is_main else None
     if run is not None:
         run.write_config(config)
-    metrics: dict[str, float] = {}
-    for ev in evaluations:
-        metrics.update(ev.evaluator.evaluate(encoder, ev.train, ev.val, proc.device, precision.autocast))
-    for name, value in metrics.items():
-        log.info("%s: %.4f", name, value)
+        log_to_file(run.path / "eval.log")
+        log.info("run folder %s", run.path)
+    metrics = run_evaluations(evaluations, encoder, proc, precision)
     results = {"initial": {}, "final": metrics}
     if run is not None:
         write_json(run.results, results)
@@ -58,18 +67,33 @@ def evaluate(args, config, exp, checkpoint, proc) -> int:
     return 0
 
 
+def run_evaluations(evaluations, encoder, proc, precision) -> dict[str, float]:
+    """Every evaluator once (a stand-alone evaluation: `epoch=None`); their metrics, logged."""
+    metrics: dict[str, float] = {}
+    for ev in evaluations:
+        start = time.perf_counter()
+        metrics.update(ev.evaluator.evaluate(encoder, ev.train, ev.val, proc.device, precision.autocast))
+        log.info("%s took %.1f s", type(ev.evaluator).__name__, time.perf_counter() - start)
+    for name, value in metrics.items():
+        log.info("%s: %.4f", name, value)
+    return metrics
+
+
 def dry_run_summary(exp, evaluations, proc, precision) -> dict:
-    """What the evaluation would do: its evaluators and, for probing, the heads' schedule."""
+    """What the evaluation would do: its evaluators, the k-NN search and the probe heads' settings."""
     probes = [s for ev in evaluations for s in getattr(ev.evaluator, "settings", [])]
+    knn = [ev.evaluator.plan(proc.device) for ev in evaluations if hasattr(ev.evaluator, "plan")]
     return {
         "evaluators": [type(ev.evaluator).__name__ for ev in evaluations],
         "batch_size_per_process": {
             path: (block.get("args") or {}).get("batch_size", 0) // proc.world_size
             for path, block in loader_blocks(exp)
         },
+        "knn": knn or None,
         "learning_rate": [p.base_learning_rate * p.batch_size / 256 for p in probes] or None,
         "epochs": [p.epochs for p in probes] or None,
         "loss": "CrossEntropy" if probes else None,
+        "encoder": exp.encoder,
         "device": str(proc.device),
         "precision": precision.name,
     }

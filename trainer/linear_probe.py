@@ -1,8 +1,12 @@
 """Linear probing (SPEC 6): linear heads on the frozen encoder.
 
-Several heads (hyperparameter sets) train in parallel from one encoder pass per batch; lr =
-base * batch / 256; SGD (+ LARC), cosine schedule stepped per epoch; validation features are
-computed once and every validation sample counts (top-1 and top-5 over the whole set).
+The encoder runs in eval mode without gradients. Several heads (hyperparameter sets) train in
+parallel from one encoder pass per batch; each head's lr = base * batch / 256; SGD (+ LARC); the
+cosine schedule is set once per epoch. Under several processes every head is wrapped in DDP (NCCL
+on GPUs, gloo on the CPU), so the processes' gradients are averaged as for one global batch.
+Validation features are computed once, each process keeping its own part of the val set, and the
+top-1 / top-5 counts are summed over the processes: every validation sample counts exactly once
+(the reference dropped the last partial batch).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from torch import nn
 from tqdm import tqdm
 
 from model.projection import LinearClassifier
-from trainer.features import extract_features
-from utils.config import Block, build_block, check_dataclass
+from trainer.checkpoint import unwrap
+from trainer.features import comm_device, extract_features
+from utils.config import Block, ConfigError, build_block, check_dataclass
+from utils.dist import all_reduce_sum, get_rank
 from utils.optim import LARC, set_learning_rate
 from utils.registry import EVALUATORS, OPTIMIZERS, SCHEDULERS
 
@@ -42,6 +48,9 @@ class ProbeSettings:
 
 @dataclasses.dataclass
 class _Head:
+    """One head in training: its settings, model (DDP-wrapped under several processes), optimiser,
+    per-epoch schedule and peak learning rate."""
+
     settings: ProbeSettings
     model: nn.Module
     optimizer: object
@@ -49,11 +58,11 @@ class _Head:
     lr: float
 
 
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """Correct predictions among the top k logits, for each k. `logits` `[B, C]`, `target` `[B]`."""
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Correct predictions among the top k logits for each k: `[B, C]`, `[B]` -> `[len(ks)]` int64."""
     top = logits.topk(max(ks), dim=1).indices
     hits = top == target[:, None]
-    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
 
 
 @EVALUATORS.register("LinearProbingEvaluator")
@@ -65,22 +74,35 @@ class LinearProbingEvaluator:
         hyperparams: one or more `ProbeSettings` mappings.
         num_classes: number of classes.
         mute_tqdm: hide the progress bars.
+
+    After `evaluate`, `last_total` holds the number of validation samples counted (all processes).
     """
 
     def __init__(self, distributed: bool = False, hyperparams: list[ProbeSettings] = (), num_classes: int = 1000,
                  mute_tqdm: bool = False):
         self.distributed = distributed
         self.settings = [check_dataclass(h, ProbeSettings, f"hyperparams.{i}") for i, h in enumerate(hyperparams)]
+        if not self.settings:
+            raise ConfigError("LinearProbingEvaluator.hyperparams: give at least one hyperparameter set")
         self.num_classes = num_classes
         self.progress = not mute_tqdm
+        self.last_total: Optional[int] = None
 
     def due(self, epoch: Optional[int]) -> bool:
+        """Whether any head is to be trained after `epoch` (None: a stand-alone evaluation)."""
         return any(self._due(s, epoch) for s in self.settings)
 
     @staticmethod
     def _due(settings: ProbeSettings, epoch: Optional[int]) -> bool:
         after = settings.apply_evaluator_after_epochs
         return epoch is None or after is None or epoch in after
+
+    def check_loaders(self, train_loader, val_loader) -> None:
+        """Every head's batch must be its training loader's global batch (its lr is scaled by it)."""
+        for s in self.settings:
+            if s.batch_size != train_loader.global_batch_size:
+                raise ConfigError(f"linear probe '{s.log_name}': batch_size {s.batch_size} differs from its "
+                                  f"training loader's batch_size {train_loader.global_batch_size}")
 
     def _make_head(self, settings: ProbeSettings, feature_dim: int, device: torch.device) -> _Head:
         head: nn.Module = LinearClassifier(feature_dim, self.num_classes).to(device)
@@ -93,42 +115,75 @@ class LinearProbingEvaluator:
         return _Head(settings, head, optimizer, build_block(settings.lr_scheduler, SCHEDULERS), lr)
 
     def evaluate(self, encoder, train_loader, val_loader, device, autocast=None, epoch=None) -> dict[str, float]:
+        """Train the heads due after `epoch` on the frozen encoder, then score them on the val set.
+
+        Returns `{linear_prob<log_name>_val_top_1: acc, ..._top_5: acc}` per head, the same on
+        every process.
+        """
+        self.check_loaders(train_loader, val_loader)
         heads = [self._make_head(s, encoder.feature_dim, device) for s in self.settings if self._due(s, epoch)]
-        for h in heads:
-            if h.settings.batch_size != train_loader.global_batch_size:
-                raise ValueError(f"linear probe '{h.settings.log_name}': batch_size {h.settings.batch_size} differs "
-                                 f"from its loader's {train_loader.global_batch_size}")
+        if not heads:
+            return {}
         val_f, val_l = extract_features(encoder, val_loader, device, autocast, normalize=False,
-                                        desc="probe val features", progress=self.progress)
+                                        desc="probe val features", progress=self.progress, gather_all=False)
+        was_training = encoder.training
         encoder.eval()
-        for e in tqdm(range(max(h.settings.epochs for h in heads)), desc="linear probe", disable=not self.progress):
-            active = [h for h in heads if e < h.settings.epochs]
-            for h in active:
-                set_learning_rate(h.optimizer, h.schedule(e, h.lr))
-            train_loader.set_epoch(e)
-            for views, target in tqdm(train_loader, desc=f"probe epoch {e}", leave=False, disable=not self.progress):
-                with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
-                    feats = encoder(views[0].to(device, non_blocking=True))
-                feats, target = feats.float(), target.to(device, non_blocking=True)
-                for h in active:
-                    loss = F.cross_entropy(h.model(feats), target)
-                    h.optimizer.zero_grad()
-                    loss.backward()
-                    h.optimizer.step()
+        try:
+            for e in range(max(h.settings.epochs for h in heads)):
+                self._train_epoch([h for h in heads if e < h.settings.epochs], e, encoder, train_loader, device,
+                                  autocast)
+        finally:
+            encoder.train(was_training)
         results = {}
         for h in heads:
-            top1, top5 = self._accuracy(h.model, val_f, val_l)
+            top1, top5, total = self._accuracy(h.model, val_f, val_l)
             results[f"linear_prob{h.settings.log_name}_val_top_1"] = top1
             results[f"linear_prob{h.settings.log_name}_val_top_5"] = top5
+            self.last_total = total
         return results
 
+    def _train_epoch(self, heads: list[_Head], epoch: int, encoder: nn.Module, loader, device: torch.device,
+                     autocast) -> None:
+        """One pass over `loader`: one encoder pass per batch feeds every head."""
+        for h in heads:
+            set_learning_rate(h.optimizer, h.schedule(epoch, h.lr))
+            h.model.train()
+        loader.set_epoch(epoch)
+        losses = torch.zeros(len(heads), device=device)
+        steps = 0
+        bar = tqdm(loader, desc=f"linear probe epoch {epoch}", leave=False,
+                   disable=not self.progress or get_rank() != 0, dynamic_ncols=True)
+        for views, target in bar:
+            with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
+                feats = encoder(views[0].to(device, non_blocking=True))
+            feats, target = feats.float(), target.to(device, non_blocking=True)
+            for i, h in enumerate(heads):
+                loss = F.cross_entropy(h.model(feats), target)
+                h.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                h.optimizer.step()
+                losses[i] += loss.detach()
+            steps += 1
+        if steps == 0:
+            raise RuntimeError(f"linear probe epoch {epoch}: the training loader yielded no batch")
+        means = (losses / steps).tolist()  # one transfer per epoch
+        log.info("linear probe epoch %d: %s", epoch, ", ".join(
+            f"{h.settings.log_name or 'head'} loss {m:.4f} lr {h.optimizer.param_groups[0]['lr']:.4g}"
+            for h, m in zip(heads, means)))
+
     @torch.no_grad()
-    def _accuracy(self, head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, batch: int = 8192):
-        head.eval()
-        counts = [0, 0]
+    def _accuracy(self, head: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
+                  batch: int = 8192) -> tuple[float, float, int]:
+        """Top-1 and top-5 accuracy over this process's `feats` `[n, F]` and every other process's.
+
+        Returns (top-1, top-5, samples counted over all processes).
+        """
+        head = unwrap(head).eval()
+        ks = (1, min(5, self.num_classes))
+        counts = torch.zeros(3, dtype=torch.int64, device=feats.device)
         for start in range(0, feats.shape[0], batch):
             logits = head(feats[start: start + batch])
-            c1, c5 = topk_correct(logits, labels[start: start + batch], (1, min(5, logits.shape[1])))
-            counts = [counts[0] + c1, counts[1] + c5]
-        total = max(feats.shape[0], 1)
-        return counts[0] / total, counts[1] / total
+            counts[:2] += topk_correct(logits, labels[start: start + batch], ks)
+        counts[2] = feats.shape[0]
+        top1, top5, total = all_reduce_sum(counts.to(comm_device(counts))).tolist()
+        return (top1 / total, top5 / total, total) if total else (0.0, 0.0, 0)

@@ -96,6 +96,8 @@ def build_evaluations(exp: ExperimentConfig, runtime: LoaderRuntime, distributed
             f"probe training) and one with `train: false` (the queries); got {len(train_side)} and {len(val_side)}"
         )
     bank, queries = build_loader(train_side[0], runtime), build_loader(val_side[0], runtime)
+    for evaluator in evaluators:
+        evaluator.check_loaders(bank, queries)  # before training, not after its last epoch
     return [Evaluation(e, bank, queries) for e in evaluators]
 
 
