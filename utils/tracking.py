@@ -1,0 +1,183 @@
+"""Experiment tracking with Sacred, as in the paper's code (SPEC 8), and the epoch summary line.
+
+`track(job, name, config, run_dir)` runs `job(tracker)` as the main function of a Sacred run. The
+run is recorded in `run_dir/sacred/1/` by a `FileStorageObserver` (no account needed):
+`run.json` (status RUNNING / COMPLETED / FAILED / INTERRUPTED with the traceback, host, times,
+the job's result), `config.json` (the resolved config) and `metrics.json` (everything sent to
+`tracker.log_scalar` / `log_metrics`, written at each heartbeat and at the end), with a copy of
+the project's Python files in `run_dir/sacred/_sources/`. With `neptune=True` the same run also
+goes to Neptune through `neptune-sacred`; the credentials come from the environment variables
+NEPTUNE_API_TOKEN and NEPTUNE_PROJECT, and Neptune is imported only then.
+
+Sacred runs a job as a function, so the job is handed over (`track(trainer.fit, ...)`) rather
+than wrapped in a `with` block: that way only Sacred's public API is used and Sacred itself
+records the start, the end and any failure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import humanize
+import psutil
+import torch
+
+from trainer.checkpoint import rng_state, set_rng_state
+from utils.config import ConfigError
+
+with warnings.catch_warnings():
+    # sacred 0.8.7 imports pkg_resources, which warns on import; nothing a user can act on
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    from sacred import Experiment
+    from sacred.observers import FileStorageObserver
+    from sacred.run import Run
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_GLOBS = ("*.py", "model/*.py", "trainer/*.py", "data_loader/*.py", "utils/*.py")  # the code a run ran
+NEPTUNE_VARIABLES = {"NEPTUNE_API_TOKEN": "your Neptune API token", "NEPTUNE_PROJECT": "workspace-name/project-name"}
+NEPTUNE_PACKAGES = {"neptune": "neptune", "neptune_sacred": "neptune-sacred"}  # module: pip package
+SKIPPED_KEYS = ("step", "epoch")
+
+
+class TrackingError(ConfigError):
+    """Tracking cannot start as asked (missing credentials or packages); nothing was started."""
+
+
+class Tracker:
+    """Where the training loop sends its metrics: a Sacred run (and, through it, every observer of
+    the run), or nowhere (`Tracker()`, for the processes other than the main one)."""
+
+    def __init__(self, run: Optional[Run] = None):
+        self._run = run
+
+    @property
+    def active(self) -> bool:
+        return self._run is not None
+
+    def log_scalar(self, name: str, value: float, step: int) -> None:
+        if self._run is not None:
+            self._run.log_scalar(name, float(value), int(step))
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int, prefix: str = "") -> None:
+        """Log every finite number in `metrics` as `prefix + name` at `step`; the `step` and `epoch`
+        entries of a metrics.jsonl record, flags and text are left out."""
+        for name, value in metrics.items():
+            if name in SKIPPED_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(value):
+                self.log_scalar(prefix + name, value, step)
+
+
+def check_neptune(environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """The Neptune API token and project from the environment; TrackingError naming what is missing
+    (variables, packages) otherwise. Imports nothing."""
+    problems = []
+    missing = [name for name in NEPTUNE_VARIABLES if not environ.get(name)]
+    if missing:
+        problems.append("set " + " and ".join(f"{name} ({NEPTUNE_VARIABLES[name]})" for name in missing)
+                        + " in the environment")
+    absent = [package for module, package in NEPTUNE_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if absent:
+        problems.append(f"install {' and '.join(absent)}: pip install {' '.join(NEPTUNE_PACKAGES.values())}")
+    if problems:
+        raise TrackingError("--neptune: " + "; ".join(problems))
+    return environ["NEPTUNE_API_TOKEN"], environ["NEPTUNE_PROJECT"]
+
+
+def track(job: Callable[[Tracker], T], name: str, config: dict, run_dir: str | Path, neptune: bool = False,
+          seed: Optional[int] = None, environ: Mapping[str, str] = os.environ) -> T:
+    """Run `job(tracker)` as a Sacred run recorded in `run_dir/sacred` (and on Neptune when asked);
+    return what the job returns. An exception in the job marks the run FAILED (a KeyboardInterrupt
+    INTERRUPTED) and propagates.
+
+    Args:
+        name: the experiment's name (the run's name in Neptune).
+        config: the resolved config, recorded as the run's config.
+        seed: the seed the program used, recorded as Sacred's `seed` (default: the config's).
+            Sacred re-seeds the global generators when a run starts; their state is put back
+            before the job runs, so a tracked run computes exactly what an untracked one does.
+    """
+    credentials = check_neptune(environ) if neptune else None
+    experiment = Experiment(name, base_dir=str(ROOT), save_git_info=False)
+    experiment.logger = _sacred_logger(name)
+    for pattern in SOURCE_GLOBS:
+        for path in sorted(ROOT.glob(pattern)):
+            experiment.add_source_file(str(path))
+    sacred_config = dict(config)
+    if seed is not None:
+        sacred_config["seed"] = seed
+    experiment.add_config(sacred_config)
+    experiment.observers.append(FileStorageObserver(str(Path(run_dir) / "sacred")))
+    neptune_run = _start_neptune(experiment, name, *credentials) if credentials else None
+    state = rng_state()
+
+    def main(_run):
+        set_rng_state(state)
+        return job(Tracker(_run))
+
+    experiment.main(main)
+    try:
+        return experiment.run(options={"--capture": "no"}).result
+    finally:
+        if neptune_run is not None:
+            neptune_run.stop()
+
+
+def _start_neptune(experiment: Experiment, name: str, api_token: str, project: str):
+    """Start a Neptune run (NEPTUNE_MODE=offline or debug is honoured by Neptune) and observe the
+    experiment with it."""
+    import neptune
+    from neptune_sacred import NeptuneObserver
+
+    run = neptune.init_run(project=project, api_token=api_token, name=name)
+    experiment.observers.append(NeptuneObserver(run=run))
+    return run
+
+
+class _MainProcessRecords(logging.Filter):
+    """Gives Sacred's records the `rank` field of the project's log format: a logger's filters do
+    not reach the records of its children, and tracking runs in the main process."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "rank"):
+            record.rank = 0
+        return True
+
+
+MAIN_PROCESS_RECORDS = _MainProcessRecords()
+
+
+def _sacred_logger(name: str) -> logging.Logger:
+    """Sacred's messages go through the project's logger (its routine ones, 'Running command',
+    'Completed after', stay out of the training log). Sacred logs on this logger and on its child
+    named after the experiment."""
+    logger = logging.getLogger("groco.sacred")
+    logger.setLevel(logging.WARNING)
+    for source in (logger, logger.getChild(name)):
+        source.addFilter(MAIN_PROCESS_RECORDS)
+    return logger
+
+
+def epoch_summary(seconds: float, samples: int, device: Optional[torch.device] = None) -> str:
+    """One line on an epoch's cost for the log: its duration, throughput, the process's resident
+    memory and, on a GPU, the peak memory allocated by tensors (since the start or the last
+    `torch.cuda.reset_peak_memory_stats`). E.g. '17 minutes and 52 seconds, 1,193 samples/s,
+    host memory 21.3 GiB, GPU peak 27.9 GiB'."""
+    parts = [
+        humanize.precisedelta(datetime.timedelta(seconds=seconds), minimum_unit="seconds", format="%0.0f"),
+        f"{samples / seconds:,.0f} samples/s" if seconds > 0 else "- samples/s",
+        f"host memory {humanize.naturalsize(psutil.Process().memory_info().rss, binary=True)}",
+    ]
+    device = torch.device(device) if device is not None else None
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        parts.append(f"GPU peak {humanize.naturalsize(torch.cuda.max_memory_allocated(device), binary=True)}")
+    return ", ".join(parts)
