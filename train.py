@@ -4,8 +4,11 @@ the config, set up the process, build the parts, run. See README.md for the comm
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
+from datetime import datetime
+from pathlib import Path
 
 import yaml
 
@@ -24,8 +27,9 @@ from trainer.setup import (
 )
 from trainer.trainer import Schedule, Trainer
 from utils.cli import print_summary, run_entry
-from utils.config import ConfigError
+from utils.config import ConfigError, read_yaml
 from utils.logging import log_to_file
+from utils.tracking import Tracker, track
 
 log = logging.getLogger("groco")
 
@@ -54,23 +58,41 @@ def train(args, config, exp, checkpoint, proc) -> int:
         sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
         print_summary({**derived, "device": str(proc.device), "precision": precision.name, "seed": exp.seed})
         return 0
-    run = RunDir.create(exp.save_dir, config["name"]) if proc.is_main else None
-    if run is not None:
-        run.write_config(config)
-        log_to_file(run.log)
-        log.info("run folder %s", run.path)
+    run = open_run_dir(args, config, exp, checkpoint) if proc.is_main else None
     log.info("derived: %s", derived)
     schedule = Schedule(derived["learning_rate"], derived["total_steps"], derived["warmup_steps"])
     trainer = Trainer(net, loss_fn, optimizer, schedule, train_loader, evaluations, exp.trainer, precision, proc,
                       run, config, data_seed)
     if checkpoint is not None:
         trainer.restore(checkpoint, args.resume)
-    results = trainer.fit()
+    if run is not None:
+        results = track(trainer.fit, config["name"], config, run.path, neptune=args.neptune, seed=seed)
+    else:
+        results = trainer.fit(Tracker())
     if run is not None:
         write_json(run.results, results)
         if args.results_json:
             write_json(args.results_json, results)
     return 0
+
+
+def open_run_dir(args, config: dict, exp, checkpoint) -> RunDir:
+    """A new run folder, or, when resuming one of ours, the checkpoint's own folder (its metrics
+    cut back to the checkpoint; a changed config saved beside the old one)."""
+    folder = Path(args.resume).parent if checkpoint is not None else None
+    if folder is not None and (folder / "metrics.jsonl").is_file():
+        run = RunDir(folder)
+        run.truncate_metrics(checkpoint["step"])
+        if read_yaml(folder / "config.yaml") != config:
+            stamp = datetime.now().strftime("%m%d_%H%M%S")
+            os.replace(folder / "config.yaml", folder / f"config.before_{stamp}.yaml")
+            run.write_config(config)
+    else:
+        run = RunDir.create(exp.save_dir, config["name"])
+        run.write_config(config)
+    log_to_file(run.log)
+    log.info("run folder %s", run.path)
+    return run
 
 
 if __name__ == "__main__":

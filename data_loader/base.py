@@ -8,8 +8,9 @@ config's `batch_size` is the global batch).
 Training loaders (`train: true` with shuffling) drop the last partial batch and run the same number
 of steps on every process; evaluation loaders yield every sample exactly once across processes,
 process r holding a contiguous part of the dataset so that gathering in rank order restores the
-dataset order. `set_epoch(e)` reshuffles: the order and the augmentations of epoch e depend only on
-(seed, e, rank), so a resumed run sees the same data as an uninterrupted one.
+dataset order. `set_epoch(e, start_step=i)` reshuffles and starts the next pass at batch i: the
+order and the augmentations of epoch e depend only on (seed, e, rank), so a run resumed mid-epoch
+sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def per_process_batch(batch_size: int, world_size: int, path: str = "batch_size"
 def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     """A CPU generator that depends only on (seed, epoch, rank)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 10_007 + rank) % (2**63 - 1))
+
+
+def batch_generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
+    """A CPU generator for one batch, depending only on (seed, epoch, step, rank), so that any batch
+    can be produced without producing the ones before it."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1009 + rank)
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> range:

@@ -15,7 +15,14 @@ from typing import Iterator, Literal
 import torch
 import torch.nn.functional as F
 
-from data_loader.base import LoaderRuntime, epoch_generator, eval_shard, per_process_batch, train_indices
+from data_loader.base import (
+    LoaderRuntime,
+    batch_generator,
+    epoch_generator,
+    eval_shard,
+    per_process_batch,
+    train_indices,
+)
 from utils.config import ConfigError
 from utils.registry import DATALOADERS
 
@@ -103,14 +110,15 @@ class DigitsLoader:
         self.training = train and shuffle  # a training pass: reshuffled, full batches only
         self.image_size = image_size
         self.epoch = 0
+        self.start_step = 0
 
     @property
     def num_samples(self) -> int:
         """Samples in the split (all processes together)."""
         return len(load_digits_split()[self.split][1])
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
 
     def _batches(self) -> list[torch.Tensor]:
         n = self.num_samples
@@ -125,10 +133,10 @@ class DigitsLoader:
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         images, labels = load_digits_split()[self.split]
-        gen = epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank)
-        for index in self._batches():
+        for step, index in enumerate(self._batches()[self.start_step:], start=self.start_step):
             batch = images[index]
             if self.augmented:
+                gen = batch_generator(self.runtime.seed + 1, self.epoch, step, self.runtime.rank)
                 views = [augment(batch, self.image_size, gen) for _ in range(self.n_augs)]
             else:
                 views = [prepare(batch, self.image_size)]

@@ -21,6 +21,7 @@ Augmentations are seeded from (seed, epoch, rank) when num_workers > 0, as in th
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Iterator
 
@@ -135,6 +136,7 @@ class ImageFolderLoader:
         self.transform = build_transform(transform_type, n_augs)
         self.n_augs = n_augs
         self.epoch = 0
+        self.start_step = 0
         self._samples: list[tuple[str, int]] | None = None
 
     @property
@@ -150,8 +152,10 @@ class ImageFolderLoader:
         """Images in the split (all processes together)."""
         return len(self.samples)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Reshuffle for `epoch`; the next pass starts at batch `start_step` (a resumed epoch). The
+        batches before it are still read and dropped, so that the workers' random streams match."""
+        self.epoch, self.start_step = epoch, start_step
 
     def batches(self) -> list[list[int]]:
         """This process's batches of sample indices for the current epoch."""
@@ -175,4 +179,4 @@ class ImageFolderLoader:
         loader = DataLoader(dataset, sampler=self.batches(), batch_size=None, num_workers=self.num_workers,
                             generator=epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank),
                             pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
-        yield from loader
+        yield from itertools.islice(loader, self.start_step, None)

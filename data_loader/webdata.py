@@ -28,6 +28,7 @@ generator seeded the same way; with num_workers 0 they come from the process's g
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 import random
@@ -161,6 +162,7 @@ class WebLoader:
         self.transform = build_transform(transform_type, n_augs)
         self.n_augs = n_augs
         self.epoch = 0
+        self.start_step = 0
         self._check()
 
     def _check(self) -> None:
@@ -182,8 +184,10 @@ class WebLoader:
         """Samples in the shards (all processes together), as the config says."""
         return self.dataset_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Reshuffle for `epoch`; the next pass starts at batch `start_step` (a resumed epoch). The
+        batches before it are still read and dropped, so that the workers' random streams match."""
+        self.epoch, self.start_step = epoch, start_step
 
     def process_shards(self) -> list[str]:
         """This process's shards for the current epoch, in reading order."""
@@ -214,11 +218,12 @@ class WebLoader:
                             generator=epoch_generator(seed + 1, self.epoch, rank),
                             pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
         if not self.training:
-            yield from loader
+            yield from itertools.islice(loader, self.start_step, None)
             return
         batches = iter(loader)
         for step in range(len(self)):
             batch = next(batches, None)
             if batch is None:
                 raise RuntimeError(f"the shard stream ended after {step} of {len(self)} steps")
-            yield batch
+            if step >= self.start_step:
+                yield batch

@@ -2,8 +2,10 @@
 resume, a non-finite loss, and the quickstart's learning."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -27,10 +29,10 @@ def test_dry_run_prints_settings_and_json_summary(tmp_path):
         cwd=ROOT, capture_output=True, text=True, check=True,
     )
     summary = last_json_line(out.stdout)
-    assert summary["learning_rate"] == pytest.approx(8.0)  # 1.0 * 32 * 256 / 1024
+    assert summary["learning_rate"] == pytest.approx(32.0)  # 4.0 * 32 * 256 / 1024
     assert summary["batch_size_per_process"] == 256 and summary["epochs"] == 50 and summary["loss"] == "GroCo"
     assert summary["steps_per_epoch"] == 5 and summary["warmup_steps"] == 10 and summary["total_steps"] == 250
-    assert "base_learning_rate: 1.0" in out.stdout
+    assert "base_learning_rate: 4.0" in out.stdout
     if not torch.cuda.is_available():
         assert "running on the CPU (no CUDA device found)" in out.stderr
     assert list(tmp_path.iterdir()) == []
@@ -72,12 +74,12 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
 def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys, small_quickstart):
     assert run_train(*small_quickstart, "--epochs", "1", *FAST) == 0
     run = only_run_dir(tmp_path, "quickstart")
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     bogus = run / "config.yaml"
     capsys.readouterr()
     assert run_train("--resume", bogus, "--device", "cpu") == 2
     assert "is not a readable checkpoint" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert run_eval("--resume", bogus, "--device", "cpu") == 2
 
 
@@ -85,12 +87,15 @@ def test_checkpoint_format_and_module_prefix(tmp_path, small_quickstart):
     assert run_train(*small_quickstart, "--epochs", "1", *FAST) == 0
     run = only_run_dir(tmp_path, "quickstart")
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "latest_model.pth", "metrics.jsonl",
-                                                    "results.json", "train.log"]
+                                                    "results.json", "sacred", "train.log"]
+    sacred_run = json.loads((run / "sacred" / "1" / "run.json").read_text())
+    assert sacred_run["status"] == "COMPLETED"
+    assert "epoch/train_loss" in json.loads((run / "sacred" / "1" / "metrics.json").read_text())
     ckpt = load_checkpoint(run / "latest_model.pth")
     assert {"epoch", "step", "encoder", "projection", "optimizer", "config"} <= set(ckpt)
     assert ckpt["epoch"] == 0 and ckpt["step"] == 5
     assert "encoder.conv1.weight" in ckpt["encoder"] and "projection.0.weight" in ckpt["projection"]
-    assert ckpt["config"]["derived"]["learning_rate"] == pytest.approx(8.0)
+    assert ckpt["config"]["derived"]["learning_rate"] == pytest.approx(32.0)
     saved_config = yaml.safe_load((run / "config.yaml").read_text())
     assert saved_config["trainer"]["epochs"] == 1 and saved_config["name"] == "quickstart"
 
@@ -120,27 +125,77 @@ def test_atomic_save_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["latest_model.pth"]
 
 
-def test_resume_continues_exactly(tmp_path, small_quickstart):
-    """2 epochs in one go == 1 epoch, then --resume for the second (same weights, bit for bit)."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    base = [a for a in small_quickstart if not str(a).startswith("save_dir=")]
-    assert run_train(*base, f"save_dir={straight}", "--epochs", "2", *FAST) == 0
-    assert run_train(*base, f"save_dir={split}", "--epochs", "1", *FAST) == 0
-    first = only_run_dir(split, "quickstart")
-    assert run_train("--resume", first / "latest_model.pth", "--epochs", "2", "--device", "cpu") == 0
-    resumed = [p for p in (split / "models" / "quickstart").iterdir() if p != first]
-    assert len(resumed) == 1
-    a = load_checkpoint(only_run_dir(straight, "quickstart") / "latest_model.pth")
-    b = load_checkpoint(resumed[0] / "latest_model.pth")
-    assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"] == 10
+def _weights_equal(a: dict, b: dict) -> None:
     for part in ("encoder", "projection"):
         for name, value in a[part].items():
             assert torch.equal(value, b[part][name]), f"{part}.{name} differs"
     for pid, state in a["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
-    losses = [[json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"loss"' in line]
-              for run in (only_run_dir(straight, "quickstart"), resumed[0])]
-    assert losses[0][5:] == losses[1]  # the second epoch's step losses agree too
+
+
+def _step_losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"loss"' in line]
+
+
+def test_resume_continues_exactly(tmp_path, small_quickstart):
+    """2 epochs in one go == 1 epoch, then --resume for the second (same weights, bit for bit),
+    continued in the checkpoint's own run folder."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    base = [a for a in small_quickstart if not str(a).startswith("save_dir=")]
+    assert run_train(*base, f"save_dir={straight}", "--epochs", "2", *FAST) == 0
+    assert run_train(*base, f"save_dir={split}", "--epochs", "1", *FAST) == 0
+    run = only_run_dir(split, "quickstart")
+    assert run_train("--resume", run / "latest_model.pth", "--epochs", "2", "--device", "cpu") == 0
+    assert only_run_dir(split, "quickstart") == run  # no second folder
+    a = load_checkpoint(only_run_dir(straight, "quickstart") / "latest_model.pth")
+    b = load_checkpoint(run / "latest_model.pth")
+    assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"] == 10
+    _weights_equal(a, b)
+    assert _step_losses(only_run_dir(straight, "quickstart")) == _step_losses(run)  # every step once, equal
+    assert sorted(p.name for p in run.glob("config*.yaml"))[0].startswith("config.before_")  # epochs changed
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path, small_quickstart, capsys):
+    assert run_train(*small_quickstart, "--resume", "auto", "--epochs", "1", *FAST) == 0  # nothing yet: starts
+    run = only_run_dir(tmp_path, "quickstart")
+    assert "no checkpoint under" in capsys.readouterr().err
+    newer = tmp_path / "models" / "quickstart" / "9999_999999"
+    newer.mkdir()
+    (newer / "latest_model.pth").write_bytes(b"cut short")  # newest, but corrupt: skipped
+    assert run_train(*small_quickstart, "--resume", "auto", "--epochs", "2", *FAST) == 0
+    err = capsys.readouterr().err
+    assert "skipping" in err and f"continuing from {run / 'latest_model.pth'}" in err
+    assert load_checkpoint(run / "latest_model.pth")["epoch"] == 1
+
+
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, small_quickstart):
+    """A real SIGTERM to a training process: it finishes the step, saves, exits 0; resuming ends
+    with the weights of a run that was never interrupted."""
+    argv = [str(a) for a in small_quickstart] + ["--epochs", "4", "trainer.log_step=1", *FAST]
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "train.py", *argv, f"save_dir={interrupted}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        runs = list((interrupted / "models" / "quickstart").glob("*/metrics.jsonl"))
+        if runs and len(_step_losses(runs[0].parent)) >= 7:  # inside epoch 1
+            metrics = runs[0]
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    err = proc.communicate(timeout=120)[1]
+    assert metrics is not None and proc.returncode == 0, err
+    assert "received SIGTERM" in err and "stopped by SIGTERM" in err
+    ckpt = load_checkpoint(metrics.parent / "latest_model.pth")
+    assert ckpt["epoch_step"] > 0 and ckpt["step"] == 5 * (ckpt["epoch"] + 1) + ckpt["epoch_step"] < 20
+
+    assert run_train("--resume", metrics.parent / "latest_model.pth", "--device", "cpu") == 0
+    assert run_train(*small_quickstart, "--epochs", "4", "trainer.log_step=1", *FAST,
+                     f"save_dir={tmp_path / 'straight'}") == 0
+    straight = only_run_dir(tmp_path / "straight", "quickstart")
+    _weights_equal(load_checkpoint(straight / "latest_model.pth"), load_checkpoint(metrics.parent / "latest_model.pth"))
+    assert _step_losses(straight) == _step_losses(metrics.parent)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, small_quickstart):
@@ -154,8 +209,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "the loss became non-finite in epoch 1" in err and "last good checkpoint" in err
     assert good.read_bytes() == good_bytes
-    new_runs = [p for p in (tmp_path / "models" / "quickstart").iterdir() if p != good.parent]
-    assert len(new_runs) == 1 and not (new_runs[0] / "latest_model.pth").exists()
 
 
 def test_quickstart_learns(tmp_path, small_quickstart):

@@ -61,6 +61,19 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def find_latest_checkpoint(runs: Path) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint in the run folders under `runs` (`save_dir/models/<name>`):
+    `latest_model.pth` and `checkpoint-epoch*.pth`, newest first; files that do not load (cut short,
+    corrupt) are skipped with a warning. None when there is none."""
+    candidates = [p for pattern in ("*/latest_model.pth", "*/checkpoint-epoch*.pth") for p in runs.glob(pattern)]
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("skipping %s", err)
+    return None
+
+
 def strip_module_prefix(state_dict: dict[str, Any]) -> OrderedDict:
     """Keys `module.x` -> `x` (checkpoints saved from DDP-wrapped modules); others unchanged."""
     return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state_dict.items())

@@ -63,7 +63,21 @@ class RunDir:
     def log(self) -> Path:
         return self.path / "train.log"
 
+    def truncate_metrics(self, steps_done: int) -> None:
+        """Drop the records of steps after a checkpoint taken at `steps_done` steps (logged by a run
+        that died later), so that a resumed run's log has every step once."""
+        if not self.metrics.is_file():
+            return
+        kept = [line for line in self.metrics.read_text().splitlines()
+                if line.strip() and _record_before(json.loads(line), steps_done)]
+        write_text_atomic(self.metrics, "".join(line + "\n" for line in kept))
+
     def append_metrics(self, records: list[dict]) -> None:
         with open(self.metrics, "a") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
+
+
+def _record_before(record: dict, steps_done: int) -> bool:
+    """A step record (has `loss`) of step index < steps_done, or an epoch record reached by then."""
+    return record["step"] < steps_done if "loss" in record else record["step"] <= steps_done

@@ -21,10 +21,12 @@ from tqdm import tqdm
 
 from trainer.checkpoint import load_module_state, rng_state, save_checkpoint, set_rng_state, unwrap
 from trainer.precision import Precision
+from trainer.preemption import Preempted, StopSignal
 from trainer.run_dir import RunDir
 from utils.dist import ProcessInfo, all_reduce_sum
 from utils.optim import cosine_with_warmup, set_learning_rate
 from utils.schema import TrainerSettings
+from utils.tracking import Tracker, epoch_summary
 
 log = logging.getLogger("groco")
 
@@ -74,15 +76,20 @@ class Trainer:
         self.data_seed = data_seed
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.start_epoch = 0
+        self.start_step = 0  # batches of start_epoch already done (a run preempted mid-epoch)
         self.step = 0
+        self.stop = StopSignal()
+        self.tracker = Tracker()
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self, epoch: int) -> dict:
+    def state_dict(self, epoch: int, epoch_step: int = 0) -> dict:
+        """The checkpoint after `epoch` (last finished, 0-based) and `epoch_step` batches of the next."""
         net = unwrap(self.model)
         return {
             "epoch": epoch,
             "step": self.step,
+            "epoch_step": epoch_step,
             "encoder": net.encoder.state_dict(),
             "projection": net.projection.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -103,8 +110,18 @@ class Trainer:
         if "rng" in checkpoint:
             set_rng_state(checkpoint["rng"])
         self.start_epoch = checkpoint["epoch"] + 1
+        self.start_step = checkpoint.get("epoch_step", 0)
         self.step = checkpoint.get("step", self.start_epoch * len(self.loader))
-        log.info("resumed from %s: epoch %d done, %d steps", path, checkpoint["epoch"], self.step)
+        log.info("resumed from %s: epoch %d done%s, %d steps", path, checkpoint["epoch"],
+                 f" and {self.start_step} batches of the next" if self.start_step else "", self.step)
+
+    def _save_preempted(self, epoch: int, epoch_step: int) -> None:
+        path = None
+        if self.run is not None:
+            path = self.run.checkpoint()
+            save_checkpoint(self.state_dict(epoch - 1, epoch_step), path)
+            log.info("saved %s after %d of %d batches of epoch %d", path, epoch_step, len(self.loader), epoch)
+        raise Preempted(self.stop.signum or 0, str(path) if path else None)
 
     def save(self, epoch: int) -> None:
         if self.run is None:
@@ -117,14 +134,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def fit(self) -> dict:
+    def fit(self, tracker: Optional[Tracker] = None) -> dict:
+        """Train the remaining epochs, sending metrics to `tracker`. Raises `Preempted` after
+        saving when a stop signal came."""
+        self.tracker = tracker or Tracker()
         results: dict = {"initial": {}, "final": {}, "epochs": []}
         if self.settings.init_val:
             results["initial"] = self.evaluate(-1)
             self._record({"epoch": self.start_epoch - 1, "step": self.step, "initial": True, **results["initial"]})
+        with self.stop:
+            return self._fit_epochs(results)
+
+    def _fit_epochs(self, results: dict) -> dict:
         for epoch in range(self.start_epoch, self.settings.epochs):
+            start = time.perf_counter()
             train_metrics = self.train_epoch(epoch)
+            log.info("epoch %d trained: %s", epoch, epoch_summary(
+                time.perf_counter() - start, len(self.loader) * self.loader.global_batch_size, self.proc.device))
             self.save(epoch)
+            if self.stop.requested():
+                raise Preempted(self.stop.signum or 0, str(self.run.checkpoint()) if self.run else None)
             record = {"epoch": epoch, "step": self.step, **train_metrics, **self.evaluate(epoch)}
             self._record(record)
             results["epochs"].append(record)
@@ -136,27 +165,33 @@ class Trainer:
                                                            if k not in ("epoch",)))
         if self.run is not None:
             self.run.append_metrics([record])
+        self.tracker.log_metrics(record, step=record["epoch"] + 1, prefix="epoch/")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
-        self.loader.set_epoch(epoch)
+        first = self.start_step if epoch == self.start_epoch else 0
+        self.loader.set_epoch(epoch, first)
         steps, global_batch = len(self.loader), self.loader.global_batch_size
-        bar = tqdm(total=steps * global_batch, unit="samples", unit_scale=True, desc=f"epoch {epoch}",
-                   disable=not self.proc.is_main, dynamic_ncols=True)
+        bar = tqdm(total=steps * global_batch, initial=first * global_batch, unit="samples", unit_scale=True,
+                   desc=f"epoch {epoch}", disable=not self.proc.is_main, dynamic_ncols=True)
         pending: list[tuple] = []
         totals = {"loss": 0.0, "steps": 0}
         window_start = time.perf_counter()
-        for i, (views, _) in enumerate(self.loader):
+        for i, (views, _) in enumerate(self.loader, start=first):
             lr = self.schedule(self.step)
             set_learning_rate(self.optimizer, lr)
             loss, info, grad_norm = self.train_step(views)
             pending.append((self.step, lr, loss.detach(), grad_norm.detach(), info))
             self.step += 1
             bar.update(global_batch)
-            if len(pending) >= self.settings.log_step or i == steps - 1:
+            stop = self.stop.requested()
+            if len(pending) >= self.settings.log_step or i == steps - 1 or stop:
                 rate = len(pending) * global_batch / (time.perf_counter() - window_start)
                 self._flush(pending, epoch, rate, totals, bar)
                 pending, window_start = [], time.perf_counter()
+            if stop and i < steps - 1:
+                bar.close()
+                self._save_preempted(epoch, i + 1)
         bar.close()
         if totals["steps"] == 0:
             raise RuntimeError(f"epoch {epoch}: the training loader yielded no batch")
@@ -197,6 +232,10 @@ class Trainer:
         totals["loss"] += float(values[:, 0].sum())
         totals["steps"] += len(pending)
         bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.3g}")
+        # one averaged point per window: a point per step would make Sacred rewrite a huge metrics.json
+        window = dict(zip(["loss", "grad_norm", *info_keys], values.mean(0).tolist()))
+        self.tracker.log_metrics({**window, "lr": pending[-1][1], "samples_per_s": rate}, step=pending[-1][0],
+                                 prefix="train/")
         if self.run is not None:
             self.run.append_metrics(records)
 

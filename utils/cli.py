@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
+from trainer.preemption import Preempted, requeue_under_slurm
 from trainer.trainer import NonFiniteLossError
 from utils.config import ConfigError, apply_overrides, deep_merge, load_config, read_yaml
 from utils.dist import LaunchError, init_process
 from utils.logging import setup_logging
 from utils.schema import validate
+from utils.tracking import check_neptune
 
 log = logging.getLogger("groco")
 
@@ -27,7 +29,8 @@ log = logging.getLogger("groco")
 def build_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("-c", "--config", help="config file (YAML)")
-    p.add_argument("-r", "--resume", help="checkpoint to continue from (its folder's config.yaml is used)")
+    p.add_argument("-r", "--resume", help="checkpoint to continue from (its folder's config.yaml is used), or "
+                   "'auto': the newest complete checkpoint of this config's runs, if any")
     p.add_argument("-n", "--neptune", action="store_true", help="also log to Neptune")
     p.add_argument("--name", "-name", help="run name (default: the config file's name)")
     p.add_argument("--distributed", action="store_true", help="one process per GPU under torchrun or srun")
@@ -52,6 +55,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Optional[dict]]:
     it), updated by `--config` when given; then the command-line overrides apply.
     """
     checkpoint = None
+    if args.resume == "auto":
+        args.resume = find_auto_resume(args)
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         beside = Path(args.resume).parent / "config.yaml"
@@ -82,6 +87,21 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Optional[dict]]:
     return config, checkpoint
 
 
+def find_auto_resume(args: argparse.Namespace) -> Optional[str]:
+    """`--resume auto`: the newest complete checkpoint under save_dir/models/<name>, or None."""
+    if not args.config:
+        raise ConfigError("--resume auto needs --config (it looks for the runs of that config)")
+    config = apply_overrides(load_config(args.config), list(args.overrides))
+    name = args.name or Path(args.config).stem
+    runs = Path(config.get("save_dir", "./output")) / "models" / name
+    found = find_latest_checkpoint(runs)
+    if found is None:
+        log.info("--resume auto: no checkpoint under %s, starting a new run", runs)
+        return None
+    log.info("--resume auto: continuing from %s", found[0])
+    return str(found[0])
+
+
 def print_summary(summary: dict) -> None:
     """The dry run's last line: one JSON object."""
     sys.stdout.write(json.dumps(summary) + "\n")
@@ -98,7 +118,7 @@ def run_entry(description: str, job: Callable, argv: Optional[list[str]], traini
         config, checkpoint = resolve_config(args)
         exp = validate(config, world_size=args.world_size if args.distributed else 1, training=training)
         if args.neptune:
-            raise ConfigError("--neptune: Neptune logging is not available in this version; run without it")
+            check_neptune()  # credentials and packages, before anything starts
         proc = init_process(args.distributed, args.world_size, args.dist_url, args.device, args.gpu)
         setup_logging(proc.rank)
         if proc.device.type == "cpu":
@@ -107,6 +127,10 @@ def run_entry(description: str, job: Callable, argv: Optional[list[str]], traini
     except (ConfigError, CheckpointError, LaunchError) as err:
         log.error("%s", err)
         return 2
+    except Preempted as err:
+        log.warning("%s", err)
+        requeue_under_slurm(err.signum)
+        return 0
     except NonFiniteLossError as err:
         log.error("%s", err)
         return 1

@@ -96,6 +96,9 @@ def init_process(distributed: bool, world_size: int, dist_url: str, device: str,
         world_size=launch["world_size"],
         rank=launch["rank"],
     )
+    global _control_group
+    # A CPU group for control messages (the stop flag every step) that never waits on the GPU.
+    _control_group = dist.new_group(backend="gloo") if use_cuda else None
     return ProcessInfo(launch["rank"], launch["world_size"], launch["local_rank"], dev)
 
 
@@ -139,6 +142,18 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if get_world_size() > 1:
         dist.all_reduce(x)
     return x
+
+
+_control_group = None
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any of them (a CPU all-reduce)."""
+    if get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(value.item())
 
 
 def barrier() -> None:

@@ -20,19 +20,23 @@ class _RankFilter(logging.Filter):
         return True
 
 
+_rank = 0
+
+
 def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
 def setup_logging(rank: int = 0) -> logging.Logger:
     """Configure the project logger for this process (idempotent) and return it."""
+    global _rank
+    _rank = rank
     logger = get_logger()
     logger.handlers.clear()
-    logger.filters.clear()
-    logger.addFilter(_RankFilter(rank))
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    handler.addFilter(_RankFilter(rank))  # on the handler: records of child loggers get the rank too
     logger.addHandler(handler)
     logger.propagate = False
     return logger
@@ -42,4 +46,5 @@ def log_to_file(path: Path) -> None:
     """Also write the log to `path` (the run folder's `train.log`)."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.addFilter(_RankFilter(_rank))
     get_logger().addHandler(handler)

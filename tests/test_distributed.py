@@ -1,0 +1,122 @@
+"""Several processes compute what one process computes on the combined batch (CPU, gloo), and the
+torchrun launch path of the README runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from model.loss import GroCo, NT_Xent, NT_XentAllCombinations
+from utils.dist import LaunchError, init_process
+
+from .conftest import QUICKSTART, ROOT, only_run_dir
+
+BATCH, DIM = 12, 16
+LOSSES = {
+    "groco_stop_grad": lambda d: GroCo(distributed=d, n_augs=2, topk_neg=5, stop_grad=True),
+    "groco_full_grad": lambda d: GroCo(distributed=d, n_augs=3, topk_neg=5, stop_grad=False),
+    "groco_multicrop": lambda d: GroCo(distributed=d, n_augs=4, n_pos_augs=2, topk_neg=5),
+    "nt_xent": lambda d: NT_Xent(distributed=d, temperature=0.5),
+    "nt_xent_topk_stop_grad": lambda d: NT_Xent(distributed=d, temperature=0.5, topk_neg=5, stop_grad=True),
+    "nt_xent_all_combinations": lambda d: NT_XentAllCombinations(distributed=d, n_augs=3, temperature=0.1),
+}
+VIEWS = {"groco_full_grad": 3, "groco_multicrop": 4, "nt_xent_all_combinations": 3}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(DIM, 32), nn.ReLU(), nn.Linear(32, 8))  # no BatchNorm: BN would differ
+
+
+def make_views(n_views: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(2 * BATCH, DIM, generator=gen)
+    return [base + 0.5 * torch.randn(2 * BATCH, DIM, generator=gen) for _ in range(n_views)]
+
+
+def one_step(model: nn.Module, loss_fn: nn.Module, views: list[torch.Tensor]) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    loss, _ = loss_fn([model(v) for v in views])
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def worker(rank: int, world: int, port: int, name: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        views = [v[rank * BATCH:(rank + 1) * BATCH] for v in make_views(VIEWS.get(name, 2))]
+        loss = one_step(model, LOSSES[name](True), views)
+        losses = [None] * world
+        dist.all_gather_object(losses, loss)
+        if rank == 0:
+            torch.save({"losses": losses, "params": [p.detach() for p in model.module.parameters()]}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path, name):
+    out = tmp_path / "two.pt"
+    # not "fork": forking a process whose OpenMP threads have run can hang the child
+    mp.start_processes(worker, args=(2, free_port(), name, str(out)), nprocs=2, start_method="forkserver")
+    two = torch.load(out)
+    single = make_model()
+    loss = one_step(single, LOSSES[name](False), make_views(VIEWS.get(name, 2)))
+    assert sum(two["losses"]) / 2 == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    for p_two, p_one in zip(two["params"], single.parameters()):
+        torch.testing.assert_close(p_two, p_one.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_distributed_without_a_launcher_is_an_error(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(LaunchError, match="--distributed needs a launcher: set RANK and WORLD_SIZE"):
+        init_process(True, 2, "env://", "cpu", None)
+
+
+def test_slurm_variables_are_read(monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(LaunchError, match="--world-size 2 but the launcher started 3 processes"):
+        init_process(True, 2, "env://", "cpu", None)
+    with pytest.raises(LaunchError, match="needs MASTER_ADDR and MASTER_PORT"):
+        init_process(True, 3, "env://", "cpu", None)
+
+
+def test_torchrun_two_processes_on_the_cpu(tmp_path):
+    """The README's torchrun command on the quickstart: one run folder, results from rank 0."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--distributed", "--world-size", "2", "--config", str(QUICKSTART), "--epochs", "1",
+           "evaluator.0.args.apply_evaluator_per_epoch=1", f"save_dir={tmp_path}",
+           "--results-json", str(tmp_path / "results.json")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = only_run_dir(tmp_path, "quickstart")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert 0.5 < results["initial"]["knn@20_online"] <= 1.0  # k-NN over features of both processes
+    assert 0.5 < results["final"]["knn@20_online"] <= 1.0
+    steps = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
+    assert [s["step"] for s in steps] == list(range(5))  # global batch 256 = 2 x 128: 5 steps
+    assert "[rank 1]" not in (run / "train.log").read_text()  # rank 1 logs warnings only, to its stderr
+    assert "BatchNorm statistics stay per process" in done.stderr

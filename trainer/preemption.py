@@ -1,0 +1,71 @@
+"""Preemption: SIGTERM or SIGUSR1 makes every process finish its current step, save a checkpoint
+that resumes exactly, and exit; under SLURM, SIGUSR1 (sent ahead of the time limit by
+`#SBATCH --signal=USR1@...`) also requeues the job, whose restart continues with `--resume auto`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from types import FrameType
+from typing import Optional
+
+from utils.dist import any_process
+
+log = logging.getLogger("groco")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving; `signum` is the signal that asked for it."""
+
+    def __init__(self, signum: int, checkpoint: Optional[str]):
+        cause = signal.Signals(signum).name if signum else "a signal to another process"
+        super().__init__(f"stopped by {cause}; checkpoint: {checkpoint}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+class StopSignal:
+    """Context manager that records SIGTERM / SIGUSR1 instead of dying, restoring the previous
+    handlers on exit. `requested()` is collective: true on every process once any received one."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        self.signum = signum
+        log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        return any_process(self.signum is not None)
+
+
+def requeue_under_slurm(signum: int) -> None:
+    """After SIGUSR1 inside a SLURM job, put the job back in the queue (`scontrol requeue`)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if signum != signal.SIGUSR1 or not job:
+        return
+    if shutil.which("scontrol") is None:
+        log.warning("SLURM job %s: scontrol not found, the job is not requeued", job)
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log.info("SLURM job %s requeued; it will continue with --resume auto", job)
+    else:
+        log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
