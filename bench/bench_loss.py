@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", nargs="*", default=[], metavar="MODE",
+                   help="also time torch.compile(GroCo) in these modes (default, reduce-overhead, ...)")
     args = p.parse_args()
     ours = GroCo(n_augs=args.views)
     reference = ReferenceStyleGroCo(args.views, device=args.device)
@@ -87,8 +89,13 @@ def main() -> None:
                  for _ in range(args.views)]
         ref_ms = time_call(reference, views, args.repeats)
         our_ms = time_call(lambda v: ours(v)[0], views, args.repeats)
-        print(f"batch {batch:5d}: reference-style {ref_ms:8.2f} ms   ours {our_ms:8.2f} ms   "
-              f"ratio {our_ms / ref_ms:.2f}")
+        line = (f"batch {batch:5d}: reference-style {ref_ms:8.2f} ms   ours {our_ms:8.2f} ms   "
+                f"ratio {our_ms / ref_ms:.2f}")
+        for mode in args.compile:
+            compiled = torch.compile(ours, mode=mode)
+            ms = time_call(lambda v, fn=compiled: fn(v)[0], views, args.repeats)
+            line += f"   compiled ({mode}) {ms:8.2f} ms"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.sorting import relaxed_sort
+from model.sorting import relaxed_rank_mass
 from utils.dist import gather, gather_with_grad, get_rank
 from utils.registry import LOSSES
 
@@ -35,12 +35,32 @@ def _gather(z: torch.Tensor, distributed: bool, detach: bool) -> torch.Tensor:
     return gather(z.detach()) if detach else gather_with_grad(z)
 
 
+class _SelectedSimilarity(torch.autograd.Function):
+    """`values[b, k]` = <anchor[b], candidates[index[b, k]]>, already computed without gradient; the
+    backward pass is two sparse products (K non-zeros per row) instead of a `[B, K, D]` gather."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, candidates: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
+        ctx.save_for_backward(anchor, candidates, index)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        anchor, candidates, index = ctx.saved_tensors
+        rows = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
+        weights = torch.sparse_coo_tensor(torch.stack((rows, index.flatten())), grad.flatten(),
+                                          (index.shape[0], candidates.shape[0]), check_invariants=False)
+        grad_anchor = torch.sparse.mm(weights, candidates) if ctx.needs_input_grad[0] else None
+        grad_candidates = torch.sparse.mm(weights.t(), anchor) if ctx.needs_input_grad[1] else None
+        return grad_anchor, grad_candidates, None, None
+
+
 def hardest_negatives(anchor: torch.Tensor, candidates: torch.Tensor, offset: int, k: int) -> torch.Tensor:
     """Cosine similarities of each anchor to its k most similar candidates, ascending.
 
-    The search runs without gradient; only the k selected pairs are recomputed with it, which
-    gives the same values and gradients as top-k over the full similarity matrix at a fraction
-    of the backward cost.
+    The similarity matrix is computed once without gradient; the gradient reaches anchors and
+    candidates through the k selected pairs only, which is what top-k over a differentiable matrix
+    gives, at a fraction of its backward cost.
 
     Args:
         anchor: `[B, D]` L2-normalised anchors.
@@ -59,8 +79,8 @@ def hardest_negatives(anchor: torch.Tensor, candidates: torch.Tensor, offset: in
         sim = anchor @ candidates.T  # [B, N]
         own = torch.arange(batch, device=anchor.device)
         sim[own, own + offset] = -float("inf")
-        index = sim.topk(k, dim=1).indices.flip(1)  # ascending
-    return torch.einsum("bd,bkd->bk", anchor, candidates[index])
+        values, index = sim.topk(k, dim=1)
+    return _SelectedSimilarity.apply(anchor, candidates, index.flip(1), values.flip(1))
 
 
 def binary_cross_entropy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -103,11 +123,10 @@ def groco_anchor_loss(
     neg = hardest_negatives(anchor_n, candidates, offset, topk_neg)  # [B, K]
 
     # Target: the identity order, every negative ranked below every positive.
-    _, perm = relaxed_sort(torch.cat((neg, pos), dim=1), steepness)  # [B, n, n]
-    pred_neg = perm[:, :, :topk_neg].sum(dim=2).clamp(0, 1)
-    pred_pos = perm[:, :, topk_neg:].sum(dim=2).clamp(0, 1)
-    n = perm.shape[1]
-    target_pos = (torch.arange(n, device=perm.device) >= topk_neg).float().expand_as(pred_pos)
+    below, above = relaxed_rank_mass(torch.cat((neg, pos), dim=1), topk_neg, steepness)  # [B, n] each
+    pred_neg, pred_pos = below.clamp(0, 1), above.clamp(0, 1)
+    n = pred_pos.shape[1]
+    target_pos = (torch.arange(n, device=pred_pos.device) >= topk_neg).float().expand_as(pred_pos)
     loss = (binary_cross_entropy(pred_pos, target_pos) + binary_cross_entropy(pred_neg, 1 - target_pos)) / 2
 
     with torch.no_grad():

@@ -52,3 +52,42 @@ def relaxed_sort(scores: torch.Tensor, steepness: float = 1.0) -> tuple[torch.Te
             dim=2,
         )
     return x, perm
+
+
+def _mix(u: torch.Tensor, alpha: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """One layer's comparators applied to `u` `[B, n]`: (a, b) -> (alpha a + (1-alpha) b, (1-alpha) a + alpha b)."""
+    end = start + 2 * count
+    a, b = u[:, start:end:2], u[:, start + 1 : end : 2]
+    return torch.cat((u[:, :start], _interleave(alpha * a + (1 - alpha) * b, (1 - alpha) * a + alpha * b), u[:, end:]),
+                     dim=1)
+
+
+def relaxed_rank_mass(scores: torch.Tensor, split: int, steepness: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each input, the relaxed probability of ending below / at or above rank `split`:
+    `perm[:, :, :split].sum(2)` and `perm[:, :, split:].sum(2)` of `relaxed_sort`, without the
+    `[B, n, n]` matrix.
+
+    Every layer mixes the permutation matrix's columns pairwise with a symmetric matrix M_l, so
+    perm = M_1 ... M_L and perm @ m = M_1 (... (M_L m)): the column sums are two vectors pushed
+    back through the layers, O(n) per layer instead of O(n^2).
+
+    Args:
+        scores: `[B, n]` values to sort.
+        split: the rank that separates the two groups.
+
+    Returns:
+        below, above: `[B, n]` each.
+    """
+    batch, n = scores.shape
+    layers = odd_even_layers(n)
+    x, alphas = scores, []
+    for start, count in layers:
+        end = start + 2 * count
+        alpha = torch.atan(steepness * (x[:, start + 1 : end : 2] - x[:, start:end:2])) / math.pi + 0.5
+        alphas.append(alpha)
+        x = _mix(x, alpha, start, count)
+    above = (torch.arange(n, device=scores.device) >= split).to(scores.dtype).expand(batch, n)
+    below = 1 - above
+    for (start, count), alpha in zip(reversed(layers), reversed(alphas)):
+        above, below = _mix(above, alpha, start, count), _mix(below, alpha, start, count)
+    return below, above

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from model.loss import GroCo, NT_Xent, NT_XentAllCombinations, NT_XentWithMoreNegatives
-from model.sorting import relaxed_sort
+from model.sorting import relaxed_rank_mass, relaxed_sort
 
 
 def spec_groco(z, n_pos, k, s, stop_grad):
@@ -99,6 +99,15 @@ def test_relaxed_sort_equals_diffsort():
     ours_sorted, ours_perm = relaxed_sort(x, 2.0)
     torch.testing.assert_close(ours_sorted, ref_sorted)
     torch.testing.assert_close(ours_perm, ref_perm)
+
+
+@pytest.mark.parametrize("n,split", [(11, 10), (12, 10), (13, 4)])
+def test_relaxed_rank_mass_equals_the_permutation_sums(n, split):
+    x = torch.randn(32, n, dtype=torch.float64)
+    _, perm = relaxed_sort(x, 1.5)
+    below, above = relaxed_rank_mass(x, split, 1.5)
+    torch.testing.assert_close(below, perm[:, :, :split].sum(2))
+    torch.testing.assert_close(above, perm[:, :, split:].sum(2))
 
 
 def spec_nt_xent_more_negatives(z, temperature, stop_grad=False, topk_neg=None):
