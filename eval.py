@@ -27,6 +27,7 @@ from utils.cli import print_summary, run_entry
 from utils.config import ConfigError
 from utils.logging import log_to_file
 from utils.schema import loader_blocks
+from utils.tracking import Tracker, track
 
 log = logging.getLogger("groco")
 
@@ -58,7 +59,11 @@ def evaluate(args, config, exp, checkpoint, proc) -> int:
         run.write_config(config)
         log_to_file(run.path / "eval.log")
         log.info("run folder %s", run.path)
-    metrics = run_evaluations(evaluations, encoder, proc, precision)
+    if run is not None:
+        metrics = track(lambda tracker: run_evaluations(evaluations, encoder, proc, precision, tracker),
+                        config["name"], config, run.path, neptune=args.neptune, seed=seed)
+    else:
+        metrics = run_evaluations(evaluations, encoder, proc, precision, Tracker())
     results = {"initial": {}, "final": metrics}
     if run is not None:
         write_json(run.results, results)
@@ -67,7 +72,7 @@ def evaluate(args, config, exp, checkpoint, proc) -> int:
     return 0
 
 
-def run_evaluations(evaluations, encoder, proc, precision) -> dict[str, float]:
+def run_evaluations(evaluations, encoder, proc, precision, tracker: Tracker) -> dict[str, float]:
     """Every evaluator once (a stand-alone evaluation: `epoch=None`); their metrics, logged."""
     metrics: dict[str, float] = {}
     for ev in evaluations:
@@ -76,6 +81,7 @@ def run_evaluations(evaluations, encoder, proc, precision) -> dict[str, float]:
         log.info("%s took %.1f s", type(ev.evaluator).__name__, time.perf_counter() - start)
     for name, value in metrics.items():
         log.info("%s: %.4f", name, value)
+    tracker.log_metrics(metrics, step=0)
     return metrics
 
 

@@ -230,3 +230,13 @@ def test_quickstart_learns(tmp_path, small_quickstart):
     assert run_eval("--resume", run / "latest_model.pth", "--device", "cpu", "--results-json",
                     tmp_path / "eval.json") == 0
     assert json.loads((tmp_path / "eval.json").read_text())["final"]["knn@20_online"] == pytest.approx(end)
+
+
+def test_channels_last_computes_the_same(tmp_path, small_quickstart):
+    """trainer.channels_last changes the memory layout, not the numbers (beyond rounding)."""
+    base = [a for a in small_quickstart if not str(a).startswith("save_dir=")]
+    for layout in ("false", "true"):
+        assert run_train(*base, f"save_dir={tmp_path / layout}", "--epochs", "1", *FAST,
+                         f"trainer.channels_last={layout}") == 0
+    plain, nhwc = (_step_losses(only_run_dir(tmp_path / layout, "quickstart")) for layout in ("false", "true"))
+    assert len(plain) == 5 and plain == pytest.approx(nhwc, rel=1e-3)

@@ -61,6 +61,8 @@ def build_model(exp: ExperimentConfig, proc: ProcessInfo) -> nn.Module:
     elif proc.distributed:
         log.info("gloo on the CPU: BatchNorm statistics stay per process (SyncBatchNorm needs CUDA)")
     net = net.to(proc.device)
+    if exp.trainer is not None and exp.trainer.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     if proc.distributed:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[proc.device] if proc.device.type == "cuda" else None)
     return net

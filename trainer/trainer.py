@@ -75,6 +75,10 @@ class Trainer:
         self.config = config
         self.data_seed = data_seed
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # compiled callables for the step; state dicts come from the modules themselves
+        self.forward = torch.compile(model) if settings.compile else model
+        self.compute_loss = torch.compile(loss_fn) if settings.compile else loss_fn
+        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.start_epoch = 0
         self.start_step = 0  # batches of start_epoch already done (a run preempted mid-epoch)
         self.step = 0
@@ -199,10 +203,11 @@ class Trainer:
 
     def train_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """One optimisation step on `views` (V tensors `[b, 3, H, W]`); returns loss, info, grad norm."""
-        views = [v.to(self.proc.device, non_blocking=True) for v in views]
+        views = [v.to(self.proc.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+                 for v in views]
         with self.precision.autocast():
-            embeddings = self.model(views)
-        loss, info = self.loss_fn(embeddings)
+            embeddings = self.forward(views)
+        loss, info = self.compute_loss(embeddings)
         scaler = self.precision.scaler
         self.optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -18,7 +18,7 @@ from trainer.checkpoint import CheckpointError, find_latest_checkpoint, load_che
 from trainer.preemption import Preempted, requeue_under_slurm
 from trainer.trainer import NonFiniteLossError
 from utils.config import ConfigError, apply_overrides, deep_merge, load_config, read_yaml
-from utils.dist import LaunchError, init_process
+from utils.dist import LaunchError, init_process, launch_env
 from utils.logging import setup_logging
 from utils.schema import validate
 from utils.tracking import check_neptune
@@ -113,7 +113,8 @@ def run_entry(description: str, job: Callable, argv: Optional[list[str]], traini
     checkpoint, proc)`. A bad config, checkpoint or launch is one logged line and exit code 2
     (nothing is created before the checks pass); a non-finite loss exits with 1."""
     args = build_parser(description).parse_intermixed_args(argv)
-    setup_logging()
+    launch = launch_env() if args.distributed else None
+    setup_logging(launch["rank"] if launch else 0)  # the rank is known before the process group is
     try:
         config, checkpoint = resolve_config(args)
         exp = validate(config, world_size=args.world_size if args.distributed else 1, training=training)

@@ -30,7 +30,10 @@ class TrainerSettings:
 
     `mixed_precision`: false = float32; true or 'fp16' = float16 autocast with a loss scaler
     (the paper's setting; CUDA only); 'bf16' = bfloat16 autocast, no scaler. On the CPU the run is
-    float32 whatever is asked, and the log says so.
+    float32 whatever is asked, and the log says so. `channels_last` stores images and convolution
+    weights NHWC (faster convolutions with tensor cores); `compile` runs the model and the loss
+    through torch.compile. Both are off by default; neither changes what is computed beyond
+    floating-point rounding.
     """
 
     epochs: int
@@ -40,6 +43,8 @@ class TrainerSettings:
     save_period: Optional[int] = None
     log_step: int = 50
     clip_grad: Optional[float] = None
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclasses.dataclass
