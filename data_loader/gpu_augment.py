@@ -1,0 +1,371 @@
+"""The paper's augmentation recipes (SPEC 5) as batched tensor code, for `augment_on: gpu`.
+
+The PIL recipes of `data_loader.transforms` run per image on CPU workers, which cannot feed a GPU
+(about 700 samples/s on 16 cores). Here the JPEG bytes of a whole batch are decoded on the device
+(`decode_batch`, nvJPEG on CUDA) and every view is made for the whole batch at once by `GpuRecipe`:
+
+- random resized crop: torchvision's `RandomResizedCrop.get_params` per sample, vectorised (10
+  attempts of an area fraction uniform in `scale` and a log-uniform aspect ratio, then the
+  centre-crop fallback), with the same rounding.
+- resize: PIL's resampling (the one the PIL recipes use), written as two per-sample weight matrices,
+  `out = Wy @ crop @ Wx^T`, so that every crop of a view is resized by one batched matmul. The
+  rows of the matrices are PIL's filter (bicubic a = -0.5, or bilinear) stretched by the
+  downscaling factor, i.e. antialiased, normalised over the pixels inside the crop, and zero outside
+  it; the crop offsets and the horizontal flip are folded into them. `F.interpolate(antialias=True)`
+  computes the same thing but only for one crop size per call (one call per sample and view), and
+  `roi_align` averages bilinear samples (a box filter, not the recipe's bicubic).
+- colour: torchvision's ColorJitter (brightness, contrast, saturation, hue in a random order per
+  sample), grayscale, Gaussian blur (a per-sample kernel of 13 taps, a grouped convolution, edges
+  replicated like PIL), solarisation (x >= 127.5/255 -> 1 - x: the pixels that PIL, on uint8, sees as
+  >= 128), ImageNet normalisation.
+
+The pixels stay float in [0, 1] between the steps (PIL rounds to uint8 after each), a difference of
+about one grey level. All randomness is drawn on the CPU from the caller's generator (`sample_params`),
+so the views depend only on the generator's seed, not on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from data_loader.transforms import GLOBAL_SIZE, LOCAL_SIZE, MEAN, N_LOCAL_VIEWS, STD, UndecodableImageError
+from utils.config import ConfigError
+
+GPU_RECIPES = ("linear_prob", "simclr", "dino", "dino_multicrop")
+RATIO = (3 / 4, 4 / 3)
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+BLUR_RADIUS = 6  # 3 sigma at the largest sigma (2): 13 taps
+MAX_CANVAS_ELEMENTS = 2**28  # float32 pixels of one padded group of decoded images (1 GiB)
+
+
+class BatchDecodeError(UndecodableImageError):
+    """Image `index` of a batch is not a decodable JPEG."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(f"image {index} of the batch: cannot decode the JPEG ({message})")
+        self.index = index
+
+
+def decode_batch(jpeg_bytes: Sequence[bytes], device: torch.device | str) -> list[torch.Tensor]:
+    """Decode JPEG files on `device` (nvJPEG, batched, on CUDA): B files -> B x uint8 `[3, H_i, W_i]`.
+
+    Grayscale and colour JPEGs alike give 3 channels. Raises BatchDecodeError naming the index of
+    the first undecodable file (the batched call fails as a whole, so the files are then decoded one
+    by one to find it; nothing is decoded elsewhere than on `device`).
+    """
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpeg_bytes]
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        for index, one in enumerate(data):
+            try:
+                decode_jpeg(one, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError as err:
+                raise BatchDecodeError(index, str(err)) from err
+        raise  # the batch failed but no file alone does: the batched decoder's own error
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+    """One view of a recipe: the parameters of its steps (probability 0 turns a step off)."""
+
+    size: int
+    scale: tuple[float, float]
+    bicubic: bool
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.0
+    gray_p: float = 0.0
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+    flip_p: float = 0.5
+
+
+def view_specs(transform_type: str, n_augs: int) -> list[ViewSpec]:
+    """The views of recipe `transform_type` (SPEC 5), as `data_loader.transforms.build_transform`
+    makes them; ConfigError for a recipe without a GPU version or a view count it does not make."""
+    dino = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
+    dino1 = ViewSpec(GLOBAL_SIZE, (0.14, 1.0), True, blur_p=1.0, **dino)
+    dino2 = ViewSpec(GLOBAL_SIZE, (0.14, 1.0), True, blur_p=0.1, solarize_p=0.2, **dino)
+    local = ViewSpec(LOCAL_SIZE, (0.05, 0.14), True, blur_p=0.5, **dino)
+    simclr = ViewSpec(GLOBAL_SIZE, (0.08, 1.0), False, (0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+    recipes = {
+        "linear_prob": ([ViewSpec(GLOBAL_SIZE, (0.08, 1.0), False)], (1,)),
+        "simclr": ([simclr] * max(n_augs, 1), None),
+        "dino": ([dino1, dino2, dino1, dino2][:n_augs], (2, 3, 4)),
+        "dino_multicrop": ([dino1, dino2] + [local] * N_LOCAL_VIEWS, (2 + N_LOCAL_VIEWS,)),
+    }
+    if transform_type not in recipes:
+        valid = ", ".join(GPU_RECIPES)
+        raise ConfigError(f"transform_type: {transform_type!r} has no GPU version; GPU recipes: {valid}")
+    specs, allowed = recipes[transform_type]
+    if n_augs < 1 or (allowed is not None and n_augs not in allowed):
+        expected = "at least 1" if allowed is None else " or ".join(map(str, allowed))
+        raise ConfigError(f"n_augs: transform_type '{transform_type}' makes {expected} views, got n_augs={n_augs}")
+    return specs
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewParams:
+    """The random parameters of one view for a batch of B images (CPU tensors)."""
+
+    boxes: torch.Tensor  # [B, 4] int64: top, left, height, width of the crop
+    flip: torch.Tensor  # [B] bool
+    jitter: torch.Tensor  # [B] bool: colour jitter applied
+    factors: torch.Tensor  # [B, 4] float: brightness, contrast, saturation factors, hue shift
+    order: torch.Tensor  # [B, 4] int64: a permutation of the 4 jitter steps
+    gray: torch.Tensor  # [B] bool
+    blur: torch.Tensor  # [B] bool
+    sigma: torch.Tensor  # [B] float
+    solarize: torch.Tensor  # [B] bool
+
+
+def crop_boxes(sizes: torch.Tensor, scale: tuple[float, float], gen: torch.Generator,
+               ratio: tuple[float, float] = RATIO, attempts: int = 10) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params for B images at once: sizes `[B, 2]` (H, W) ->
+    boxes `[B, 4]` int64 (top, left, height, width). The first of `attempts` draws that fits the
+    image is kept; an image where none fits gets the centre crop clamped to `ratio`."""
+    n = sizes.shape[0]
+    height, width = sizes[:, :1].double(), sizes[:, 1:].double()
+    u = torch.rand(n, 2, attempts, generator=gen, dtype=torch.float64)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.double().argmax(1, keepdim=True)  # the first attempt that fits (0 when none does)
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    height, width = height[:, 0], width[:, 0]
+    in_ratio = width / height
+    fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+    fh = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
+    found = fits.any(1)
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    u = torch.rand(n, 2, generator=gen, dtype=torch.float64)
+    top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def sample_view(spec: ViewSpec, sizes: torch.Tensor, gen: torch.Generator) -> ViewParams:
+    """Draw one view's parameters for images of sizes `[B, 2]` (H, W) from the CPU generator `gen`."""
+    n = sizes.shape[0]
+    boxes = crop_boxes(sizes, spec.scale, gen)
+    u = torch.rand(n, 5, generator=gen)
+    b, c, s, h = spec.jitter
+    lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
+    hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
+    factors = lo + (hi - lo) * torch.rand(n, 4, generator=gen)
+    order = torch.rand(n, 4, generator=gen).argsort(1)
+    sigma = 0.1 + 1.9 * torch.rand(n, generator=gen)
+    return ViewParams(boxes=boxes, flip=u[:, 0] < spec.flip_p, jitter=u[:, 1] < spec.jitter_p, factors=factors,
+                      order=order, gray=u[:, 2] < spec.gray_p, blur=u[:, 3] < spec.blur_p, sigma=sigma,
+                      solarize=u[:, 4] < spec.solarize_p)
+
+
+# ----------------------------------------------------------------------------- resize
+
+
+def _filter(x: torch.Tensor, bicubic: bool) -> torch.Tensor:
+    """PIL's resampling filters: bicubic (a = -0.5) or bilinear (triangle), support 2 or 1."""
+    x = x.abs()
+    if not bicubic:
+        return (1 - x).clamp(min=0)
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_matrix(start: torch.Tensor, length: torch.Tensor, size: int, extent: int, bicubic: bool) -> torch.Tensor:
+    """Per-sample 1-D resampling matrices `[B, size, extent]`: row o maps the pixels
+    [start, start + length) of an axis of `extent` pixels to output pixel o, as PIL's resize with a
+    box does (the filter stretched by the downscaling factor, weights normalised inside the box)."""
+    step = (length.float() / size)[:, None, None]  # [B, 1, 1] input pixels per output pixel
+    centre = (torch.arange(size, dtype=torch.float32, device=start.device)[None, :, None] + 0.5) * step
+    pos = torch.arange(extent, dtype=torch.float32, device=start.device)[None, None, :] - start[:, None, None]
+    weights = _filter((pos + 0.5 - centre) / step.clamp(min=1.0), bicubic)
+    weights = weights * ((pos >= 0) & (pos < length[:, None, None]))
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def crop_resize(canvas: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
+                bicubic: bool) -> torch.Tensor:
+    """Crop `boxes` `[B, 4]` (top, left, h, w) of the images `canvas` `[B, 3, Hc, Wc]` (each in its
+    top-left corner, padded) and resize to `[B, 3, size, size]`, mirrored where `flip` `[B]`."""
+    rows = resize_matrix(boxes[:, 0], boxes[:, 2], size, canvas.shape[-2], bicubic)
+    cols = resize_matrix(boxes[:, 1], boxes[:, 3], size, canvas.shape[-1], bicubic)
+    cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    out = rows[:, None] @ (canvas @ cols.transpose(1, 2)[:, None])
+    return out.clamp(0, 1)
+
+
+def canvas_groups(sizes: torch.Tensor, max_elements: int) -> list[torch.Tensor]:
+    """Split B images of sizes `[B, 2]` into index groups whose padded float canvas
+    (n x 3 x max H x max W) stays under `max_elements`, images of similar area together."""
+    groups, current, max_h, max_w = [], [], 0, 0
+    for i in torch.argsort(sizes[:, 0] * sizes[:, 1]).tolist():
+        h, w = max(max_h, int(sizes[i, 0])), max(max_w, int(sizes[i, 1]))
+        if current and (len(current) + 1) * 3 * h * w > max_elements:
+            groups.append(torch.tensor(current))
+            current, h, w = [], int(sizes[i, 0]), int(sizes[i, 1])
+        current.append(i)
+        max_h, max_w = h, w
+    groups.append(torch.tensor(current))
+    return groups
+
+
+def pad_to_canvas(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """uint8 images `[3, H_i, W_i]` -> float `[n, 3, max H, max W]` in [0, 1], zero-padded."""
+    height, width = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
+    canvas = images[0].new_zeros(len(images), 3, height, width, dtype=torch.float32)
+    for i, image in enumerate(images):
+        canvas[i, :, : image.shape[1], : image.shape[2]] = image
+    return canvas.div_(255)
+
+
+# ----------------------------------------------------------------------------- colour
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """`[n, 3, H, W]` -> the luma `[n, 1, H, W]`."""
+    r, g, b = x.unbind(1)
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """factor * x + (1 - factor) * other, clamped to [0, 1]; factor `[n]`."""
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * other).clamp(0, 1)
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of `[n, 3, H, W]` by `shift` `[n]` turns (RGB -> HSV -> RGB)."""
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    r, g, b = ((maxc.unsqueeze(1) - x) / safe.unsqueeze(1)).unbind(1)  # distances from the max channel
+    hue = torch.where(x[:, 0] == maxc, b - g, torch.where(x[:, 1] == maxc, 2 + r - b, 4 + g - r))
+    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
+    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
+    sat = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    # the HSV -> RGB formula c_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, n = 5, 3, 1
+    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1), 6)
+    ramp = torch.minimum(k, 4 - k).clamp(0, 1)
+    return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * ramp)
+
+
+def jitter_step(x: torch.Tensor, step: int, factor: torch.Tensor) -> torch.Tensor:
+    """ColorJitter's step 0-3 (brightness, contrast, saturation, hue) on `[n, 3, H, W]`, factor `[n]`."""
+    if step == 0:
+        return _blend(x, torch.zeros_like(x), factor)
+    if step == 1:
+        return _blend(x, grayscale(x).mean((2, 3), keepdim=True), factor)
+    if step == 2:
+        return _blend(x, grayscale(x), factor)
+    return shift_hue(x, factor)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision's ColorJitter per sample: `[n, 3, H, W]`, factors `[n, 4]`, order `[n, 4]` (each
+    sample's permutation of the 4 steps) -> `[n, 3, H, W]`."""
+    x = x.clone()
+    for position in range(4):
+        for step in range(4):
+            idx = (order[:, position] == step).nonzero()[:, 0]
+            if len(idx):
+                x[idx] = jitter_step(x[idx], step, factors[idx, step])
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur `[n, 3, H, W]` with a Gaussian of per-sample std `sigma` `[n]` (13 separable taps, edges
+    replicated); one grouped convolution per axis."""
+    n, c, height, width = x.shape
+    taps = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n * c, 13]
+    flat = x.reshape(1, n * c, height, width)
+    flat = F.pad(flat, (BLUR_RADIUS,) * 4, mode="replicate")
+    flat = F.conv2d(flat, kernel.view(n * c, 1, -1, 1), groups=n * c)
+    flat = F.conv2d(flat, kernel.view(n * c, 1, 1, -1), groups=n * c)
+    return flat.view(n, c, height, width)
+
+
+def _where_masked(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
+    """Apply `fn(x[mask], *args[mask])` to the samples of `mask` `[n]` only."""
+    idx = mask.nonzero()[:, 0]
+    if len(idx) == 0:
+        return x
+    x = x.clone()
+    x[idx] = fn(x[idx], *(a[idx] for a in args))
+    return x
+
+
+def colour_view(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
+    """The steps after the crop, in the recipes' order: jitter, grayscale, blur, solarisation;
+    `[n, 3, S, S]` in [0, 1] -> the same (params moved to x's device)."""
+    p = ViewParams(**{f.name: getattr(p, f.name).to(x.device) for f in dataclasses.fields(p)})
+    x = _where_masked(x, p.jitter, color_jitter, p.factors, p.order)
+    x = _where_masked(x, p.gray, lambda y: grayscale(y).expand_as(y))
+    x = _where_masked(x, p.blur, gaussian_blur, p.sigma)
+    # PIL inverts the uint8 pixels >= 128, i.e. the float pixels that round to 128 or more
+    return _where_masked(x, p.solarize, lambda y: torch.where(y >= 127.5 / 255, 1 - y, y))
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+class GpuRecipe:
+    """Recipe `transform_type` with `n_augs` views on batches of decoded images on any device.
+
+    `recipe(images, generator)`: B uint8 images `[3, H_i, W_i]` (one device) and a CPU generator ->
+    n_augs float32 tensors `[B, 3, S, S]` normalised with the ImageNet mean and std (S = 224, or 96
+    for the local views of `dino_multicrop`).
+    """
+
+    def __init__(self, transform_type: str, n_augs: int, max_canvas_elements: int = MAX_CANVAS_ELEMENTS):
+        self.specs = view_specs(transform_type, n_augs)
+        self.max_canvas_elements = max_canvas_elements
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def sample_params(self, sizes: torch.Tensor, generator: torch.Generator) -> list[ViewParams]:
+        """Every view's parameters for images of sizes `[B, 2]` (H, W)."""
+        return [sample_view(spec, sizes, generator) for spec in self.specs]
+
+    def apply(self, images: Sequence[torch.Tensor], params: Sequence[ViewParams]) -> list[torch.Tensor]:
+        """Make the views with the given parameters: B x `[3, H_i, W_i]` uint8 -> n_augs x `[B, 3, S, S]`."""
+        device = images[0].device
+        sizes = torch.tensor([im.shape[1:] for im in images])
+        views = [torch.empty(len(images), 3, s.size, s.size, device=device) for s in self.specs]
+        for group in canvas_groups(sizes, self.max_canvas_elements):
+            canvas = pad_to_canvas([images[i] for i in group])
+            for view, spec, p in zip(views, self.specs, params):
+                boxes, flip = p.boxes[group].to(device), p.flip[group].to(device)
+                view[group.to(device)] = crop_resize(canvas, boxes, flip, spec.size, spec.bicubic)
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        return [(colour_view(v, p) - mean) / std for v, p in zip(views, params)]
+
+    def __call__(self, images: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+        sizes = torch.tensor([im.shape[1:] for im in images])
+        return self.apply(images, self.sample_params(sizes, generator))
+
+
+def gpu_views(batch_bytes: Sequence[bytes], labels: torch.Tensor, recipe: GpuRecipe, device: torch.device | str,
+              generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A loader's undecoded batch -> the trainer's batch: B JPEG files and labels `[B]` ->
+    (n_augs x float32 `[B, 3, S, S]` on `device`, labels int64 `[B]` on `device`).
+    Raises BatchDecodeError (with `.index`) for an undecodable file."""
+    images = decode_batch(batch_bytes, device)
+    return recipe(images, generator), labels.to(device, non_blocking=True)

@@ -1,0 +1,262 @@
+"""The batched recipes of data_loader.gpu_augment (SPEC 5) against the PIL recipes and torchvision,
+on CPU tensors: the sampled parameters' statistics (fixed seeds, bounds many standard deviations
+wide), each step's arithmetic, shapes and normalisation, and JPEG decoding."""
+
+import dataclasses
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision import transforms as T
+
+from data_loader import gpu_augment as ga
+from data_loader.transforms import MEAN, STD
+from utils.config import ConfigError
+
+N = 20_000  # samples per statistic: a rate's standard deviation is at most 0.0035
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """A smooth random uint8 image `[3, H, W]` (a bicubically upsampled coarse colour field)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
+    field = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(field).copy()).permute(2, 0, 1)
+
+
+def jpeg_bytes(image: torch.Tensor, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).convert(mode).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def params_of(transform_type: str, n_augs: int, size=(375, 500), n: int = N) -> list[ga.ViewParams]:
+    sizes = torch.tensor([size] * n)
+    return ga.GpuRecipe(transform_type, n_augs).sample_params(sizes, torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------- sampled parameters
+
+
+@pytest.mark.parametrize("scale", [(0.14, 1.0), (0.05, 0.14), (0.08, 1.0)])
+def test_crop_boxes_follow_random_resized_crop(scale):
+    height, width = 375, 500
+    boxes = ga.crop_boxes(torch.tensor([[height, width]] * N), scale, torch.Generator().manual_seed(1))
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    area = (h * w).double() / (height * width)
+    log_ratio = torch.log(w.double() / h.double())
+    # rounding to whole pixels moves the area and the ratio a little past the ranges
+    assert area.min() > scale[0] * 0.97 and area.max() <= 1.0
+    assert log_ratio.abs().max() < math.log(4 / 3) + 0.03
+
+    torch.manual_seed(1)  # torchvision's get_params draws from the global generator
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), [3 / 4, 4 / 3])
+                        for _ in range(4000)])
+    ref_area = (ref[:, 2] * ref[:, 3]).double() / (height * width)
+    ref_log_ratio = torch.log(ref[:, 3].double() / ref[:, 2].double())
+    for ours, theirs in ((area, ref_area), (log_ratio, ref_log_ratio)):
+        q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+        assert torch.allclose(ours.quantile(q), theirs.quantile(q), atol=0.03 * (theirs.max() - theirs.min()))
+    # the crops that fit the image have a log-uniform ratio: inside the middle of the range where no
+    # retry biases it (small scales), equal counts in equal log intervals
+    if scale[1] < 0.5:
+        counts = torch.histc(log_ratio, bins=4, min=-0.25, max=0.25)
+        assert (counts / counts.mean() - 1).abs().max() < 0.1
+
+
+def test_crop_boxes_centre_fallback_equals_torchvision():
+    """No draw fits a 10 x 1000 image at scale >= 0.9: the centre crop clamped to ratio 4/3."""
+    for size in ([10, 1000], [1000, 10], [40, 44]):
+        scale = (0.9, 1.0) if size[0] != 40 else (2.0, 3.0)  # areas above the image's: never fits
+        ours = ga.crop_boxes(torch.tensor([size] * 5), scale, torch.Generator().manual_seed(0))
+        theirs = T.RandomResizedCrop.get_params(torch.empty(3, *size), list(scale), [3 / 4, 4 / 3])
+        assert ours.tolist() == [list(theirs)] * 5
+
+
+def rate(mask: torch.Tensor) -> float:
+    return mask.float().mean().item()
+
+
+@pytest.mark.parametrize("transform_type,n_augs,blur,solarize", [
+    ("dino", 4, [1.0, 0.1, 1.0, 0.1], [0.0, 0.2, 0.0, 0.2]),
+    ("dino_multicrop", 8, [1.0, 0.1] + [0.5] * 6, [0.0, 0.2] + [0.0] * 6),
+    ("simclr", 2, [0.5, 0.5], [0.0, 0.0]),
+])
+def test_step_probabilities(transform_type, n_augs, blur, solarize):
+    for p, blur_p, solarize_p in zip(params_of(transform_type, n_augs), blur, solarize):
+        assert abs(rate(p.flip) - 0.5) < 0.03
+        assert abs(rate(p.jitter) - 0.8) < 0.03
+        assert abs(rate(p.gray) - 0.2) < 0.03
+        assert abs(rate(p.blur) - blur_p) < 0.03
+        assert abs(rate(p.solarize) - solarize_p) < 0.03
+        assert p.sigma.min() >= 0.1 and p.sigma.max() <= 2.0
+        assert abs(p.sigma.mean().item() - 1.05) < 0.03  # uniform in [0.1, 2]
+
+
+@pytest.mark.parametrize("transform_type,jitter", [("dino", (0.4, 0.4, 0.2, 0.1)), ("simclr", (0.8, 0.8, 0.8, 0.2))])
+def test_jitter_factors_and_order_follow_color_jitter(transform_type, jitter):
+    p = params_of(transform_type, 2)[0]
+    lo = torch.tensor([1 - jitter[0], 1 - jitter[1], 1 - jitter[2], -jitter[3]])
+    hi = torch.tensor([1 + jitter[0], 1 + jitter[1], 1 + jitter[2], jitter[3]])
+    assert (p.factors >= lo).all() and (p.factors <= hi).all()
+    assert torch.allclose(p.factors.mean(0), (lo + hi) / 2, atol=0.02)
+    assert (p.order.sort(1).values == torch.arange(4)).all()  # a permutation per sample
+    first = torch.bincount(p.order[:, 0], minlength=4).float() / N
+    assert (first - 0.25).abs().max() < 0.03  # every step first equally often
+
+
+def test_views_use_the_recipe_sizes_and_scales():
+    specs = ga.view_specs("dino_multicrop", 8)
+    assert [s.size for s in specs] == [224] * 2 + [96] * 6
+    assert [s.scale for s in specs] == [(0.14, 1.0)] * 2 + [(0.05, 0.14)] * 6
+    assert all(s.bicubic for s in specs) and not ga.view_specs("simclr", 2)[0].bicubic
+    locals_ = params_of("dino_multicrop", 8, n=2000)[2:]
+    area = torch.cat([(p.boxes[:, 2] * p.boxes[:, 3]).double() / (375 * 500) for p in locals_])
+    assert area.min() > 0.05 * 0.95 and area.max() < 0.14 * 1.05
+
+
+@pytest.mark.parametrize("transform_type,n_augs", [("dino", 1), ("dino", 5), ("dino_multicrop", 2), ("val", 1),
+                                                   ("simclr", 0), ("linear_prob", 2)])
+def test_unknown_recipes_and_view_counts_are_errors(transform_type, n_augs):
+    with pytest.raises(ConfigError):
+        ga.GpuRecipe(transform_type, n_augs)
+
+
+# ----------------------------------------------------------------------------- the steps' arithmetic
+
+
+@pytest.mark.parametrize("bicubic", [True, False])
+@pytest.mark.parametrize("box,size", [((20, 30, 300, 400), 224), ((5, 7, 60, 50), 96), ((0, 0, 375, 500), 96)])
+def test_crop_resize_equals_pil(box, size, bicubic):
+    image = smooth_image(375, 500)
+    top, left, h, w = box
+    resample = Image.BICUBIC if bicubic else Image.BILINEAR
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).crop((left, top, left + w, top + h))
+    ref = torch.from_numpy(np.asarray(pil.resize((size, size), resample)).copy()).permute(2, 0, 1).float()
+    canvas = ga.pad_to_canvas([image, smooth_image(400, 520, seed=1)])  # padded beyond the image
+    for flip in (False, True):
+        out = ga.crop_resize(canvas[:1], torch.tensor([box]), torch.tensor([flip]), size, bicubic)[0] * 255
+        expected = ref.flip(-1) if flip else ref
+        assert (out - expected).abs().max() <= 2.0  # PIL rounds to uint8 between its two passes
+        assert (out - expected).abs().mean() < 0.5
+
+
+def test_color_steps_equal_torchvision():
+    x = smooth_image(32, 40).float().div(255)[None].repeat(4, 1, 1, 1)
+    x[1] = x[1] * 0.3  # dark
+    x[2] = x[2].mean(0, keepdim=True)  # grey: no hue
+    factors = torch.tensor([0.6, 1.3, 1.7, 0.2])
+    refs = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for step, ref in enumerate(refs):
+        for f in ([-0.1, 0.05, 0.2, -0.2] if step == 3 else [0.6, 1.3, 1.7, 0.2]):
+            out = ga.jitter_step(x, step, torch.full((4,), f))
+            expected = torch.stack([ref(xi, f) for xi in x])
+            torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]])
+    factors = torch.tensor([[0.6, 1.3, 1.7, 0.1]] * 4)
+    out = ga.color_jitter(x, factors, order)
+    for i in range(4):
+        expected = x[i]
+        for step in order[i].tolist():
+            expected = refs[step](expected, factors[i, step].item())
+        torch.testing.assert_close(out[i], expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(ga.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+
+
+def test_gaussian_blur_equals_torchvision_inside_the_borders():
+    x = smooth_image(40, 48).float().div(255)[None].repeat(3, 1, 1, 1)
+    sigma = torch.tensor([0.1, 0.9, 2.0])
+    out = ga.gaussian_blur(x, sigma)
+    r = ga.BLUR_RADIUS
+    for i, s in enumerate(sigma.tolist()):
+        expected = TF.gaussian_blur(x[i], [2 * r + 1] * 2, [s, s])
+        torch.testing.assert_close(out[i, :, r:-r, r:-r], expected[:, r:-r, r:-r], atol=1e-5, rtol=0)
+    const = torch.full((2, 3, 20, 20), 0.5)
+    torch.testing.assert_close(ga.gaussian_blur(const, torch.tensor([0.5, 2.0])), const)  # edges replicated
+
+
+def test_grey_image_normalises_to_the_imagenet_value_and_solarises_above_128():
+    grey = torch.full((3, 300, 400), 128, dtype=torch.uint8)
+    recipe = ga.GpuRecipe("dino", 2)
+    params = recipe.sample_params(torch.tensor([[300, 400]] * 6), torch.Generator().manual_seed(0))
+    plain = [dataclasses.replace(p, jitter=torch.zeros(6, dtype=torch.bool), solarize=torch.zeros(6, dtype=torch.bool))
+             for p in params]  # grayscale, blur, flip, crop leave a constant image constant
+    expected = ((128 / 255 - torch.tensor(MEAN)) / torch.tensor(STD)).view(1, 3, 1, 1)
+    for view in recipe.apply([grey] * 6, plain):  # torchvision's luma weights sum to 0.9999: 2e-4 off
+        torch.testing.assert_close(view, expected.expand_as(view), atol=5e-4, rtol=0)
+    solarised = dataclasses.replace(plain[1], solarize=torch.ones(6, dtype=torch.bool))
+    view = recipe.apply([grey] * 6, [plain[0], solarised])[1]
+    expected = ((127 / 255 - torch.tensor(MEAN)) / torch.tensor(STD)).view(1, 3, 1, 1)
+    torch.testing.assert_close(view, expected.expand_as(view), atol=5e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("transform_type,n_augs,sizes", [
+    ("dino", 2, [224] * 2), ("dino", 4, [224] * 4), ("dino_multicrop", 8, [224] * 2 + [96] * 6),
+    ("simclr", 3, [224] * 3), ("linear_prob", 1, [224]),
+])
+def test_views_shapes_dtype_and_determinism(transform_type, n_augs, sizes):
+    images = [smooth_image(375, 500, seed=0), smooth_image(500, 333, seed=1), smooth_image(64, 80, seed=2)]
+    recipe = ga.GpuRecipe(transform_type, n_augs)
+    views = recipe(images, torch.Generator().manual_seed(3))
+    assert [tuple(v.shape) for v in views] == [(3, 3, s, s) for s in sizes]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
+    lo = ((0 - torch.tensor(MEAN)) / torch.tensor(STD)).min() - 1e-5
+    hi = ((1 - torch.tensor(MEAN)) / torch.tensor(STD)).max() + 1e-5
+    assert all(v.min() >= lo and v.max() <= hi for v in views)
+    again = recipe(images, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(views, again))
+
+
+def test_canvas_groups_bound_the_padding_and_cover_every_image():
+    recipe = ga.GpuRecipe("dino", 2, max_canvas_elements=3 * 400 * 500 * 2)  # room for two 375 x 500 images
+    images = [smooth_image(*s, seed=i) for i, s in enumerate([(375, 500), (40, 60), (375, 500), (375, 500)])]
+    groups = ga.canvas_groups(torch.tensor([im.shape[1:] for im in images]), recipe.max_canvas_elements)
+    assert sorted(torch.cat(groups).tolist()) == [0, 1, 2, 3] and len(groups) == 2
+    grouped = recipe(images, torch.Generator().manual_seed(0))
+    single = ga.GpuRecipe("dino", 2)(images, torch.Generator().manual_seed(0))
+    for a, b in zip(grouped, single):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_decode_batch_equals_pil():
+    images = [smooth_image(375, 500), smooth_image(333, 500, seed=1)]
+    data = [jpeg_bytes(images[0]), jpeg_bytes(images[1], mode="L")]
+    decoded = ga.decode_batch(data, "cpu")
+    for tensor, raw in zip(decoded, data):
+        ref = torch.from_numpy(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).copy()).permute(2, 0, 1)
+        assert tensor.dtype == torch.uint8 and tensor.shape == ref.shape
+        assert (tensor.int() - ref.int()).abs().max() <= 2
+
+
+def test_decode_batch_names_the_corrupt_image():
+    good = jpeg_bytes(smooth_image(64, 64))
+    with pytest.raises(ga.BatchDecodeError, match="image 2 of the batch") as err:
+        ga.decode_batch([good, good, good[: len(good) // 3], good], "cpu")
+    assert err.value.index == 2
+
+
+def test_gpu_views_makes_a_training_batch():
+    data = [jpeg_bytes(smooth_image(375, 500, seed=i)) for i in range(3)]
+    views, labels = ga.gpu_views(data, torch.tensor([4, 1, 7]), ga.GpuRecipe("dino", 2), "cpu",
+                                 torch.Generator().manual_seed(0))
+    assert [tuple(v.shape) for v in views] == [(3, 3, 224, 224)] * 2 and labels.tolist() == [4, 1, 7]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_views_equal_cpu_views():
+    images = [smooth_image(375, 500, seed=i) for i in range(4)]
+    data = [jpeg_bytes(im) for im in images]
+    recipe = ga.GpuRecipe("dino_multicrop", 8)
+    cpu = recipe(ga.decode_batch(data, "cpu"), torch.Generator().manual_seed(0))
+    cuda = recipe(ga.decode_batch(data, "cuda"), torch.Generator().manual_seed(0))
+    for a, b in zip(cpu, cuda):
+        assert b.is_cuda and (a - b.cpu()).abs().mean() < 0.02  # nvJPEG's IDCT differs by a grey level or so
