@@ -108,6 +108,7 @@ class DigitsLoader:
         self.n_augs = n_augs
         self.shuffle = shuffle
         self.training = train and shuffle  # a training pass: reshuffled, full batches only
+        self.gpu_recipe = None  # augmented on tensors already
         self.image_size = image_size
         self.epoch = 0
         self.start_step = 0

@@ -369,3 +369,13 @@ def gpu_views(batch_bytes: Sequence[bytes], labels: torch.Tensor, recipe: GpuRec
     Raises BatchDecodeError (with `.index`) for an undecodable file."""
     images = decode_batch(batch_bytes, device)
     return recipe(images, generator), labels.to(device, non_blocking=True)
+
+
+def recipe_for(augment_on: str, transform_type: str, n_augs: int, training: bool) -> GpuRecipe | None:
+    """The GPU recipe of a loader with `augment_on: gpu` (None for 'cpu'); only training passes
+    augment on the GPU (evaluation loaders hand their batches to the evaluators as they are)."""
+    if augment_on == "cpu":
+        return None
+    if not training:
+        raise ConfigError("augment_on: 'gpu' is for training loaders (train: true with shuffling)")
+    return GpuRecipe(transform_type, n_augs)

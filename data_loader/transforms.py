@@ -61,6 +61,12 @@ def collate_views(samples: Sequence[tuple[list[torch.Tensor], int]]) -> Batch:
     return views, labels
 
 
+def collate_bytes(samples: Sequence[tuple[bytes, int]]) -> tuple[list[bytes], torch.Tensor]:
+    """[(JPEG file bytes, label), ...] (b samples) -> (b file contents, labels int64 [b]); for
+    `augment_on: gpu`, where decoding and augmentation happen on the GPU (data_loader.gpu_augment)."""
+    return [data for data, _ in samples], torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+
 # ----------------------------------------------------------------------------- PIL augmentations
 
 

@@ -32,7 +32,7 @@ import itertools
 import math
 import pickle
 import random
-from typing import Iterator
+from typing import Iterator, Literal
 
 import braceexpand
 import torch
@@ -40,12 +40,14 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_loader.base import LoaderRuntime, epoch_generator, per_process_batch
+from data_loader.gpu_augment import recipe_for
 from data_loader.transforms import (
     Batch,
     MultiView,
     TransformType,
     UndecodableImageError,
     build_transform,
+    collate_bytes,
     collate_views,
     decode_image,
 )
@@ -75,7 +77,7 @@ class ShardStream(IterableDataset):
 
     Args:
         urls: this process's shards, in reading order.
-        transform: PIL image -> n_augs x `[3, H, W]`.
+        transform: PIL image -> n_augs x `[3, H, W]`; None: yield the JPEG bytes (augment_on: gpu).
         batch_size: the per-process batch.
         training: stream the shards endlessly, skip undecodable images, yield full batches only;
             otherwise one pass, undecodable images are errors, the last batch of a worker may be short.
@@ -83,7 +85,7 @@ class ShardStream(IterableDataset):
         seed_key: a string naming (seed, epoch, rank); the worker id is added to seed the buffer.
     """
 
-    def __init__(self, urls: list[str], transform: MultiView, batch_size: int, training: bool, shuffle: int,
+    def __init__(self, urls: list[str], transform: MultiView | None, batch_size: int, training: bool, shuffle: int,
                  seed_key: str):
         super().__init__()
         self.urls, self.transform, self.batch_size = urls, transform, batch_size
@@ -97,7 +99,8 @@ class ShardStream(IterableDataset):
         samples = endless_samples(urls, rng) if self.training else wds.tarfile_samples([{"url": u} for u in urls])
         if self.shuffle > 0:
             samples = wds.shuffle(self.shuffle, rng=rng)(samples)
-        batches = wds.batched(self.batch_size, collation_fn=collate_views, partial=not self.training)
+        collate = collate_views if self.transform is not None else collate_bytes
+        batches = wds.batched(self.batch_size, collation_fn=collate, partial=not self.training)
         return iter(batches(self._transformed(samples)))
 
     def _transformed(self, samples: Iterator[dict]) -> Iterator[tuple[list[torch.Tensor], int]]:
@@ -105,6 +108,9 @@ class ShardStream(IterableDataset):
         skipped = 0
         for sample in samples:
             data, label, where = sample_fields(sample)
+            if self.transform is None:  # augment_on: gpu
+                yield data, label
+                continue
             try:
                 image = decode_image(data, where)
             except UndecodableImageError as err:
@@ -147,10 +153,14 @@ class WebLoader:
             steps); false: every sample once.
         transform_type: the augmentation recipe (data_loader.transforms).
         n_augs: views per image.
+        augment_on: 'cpu' (decode and augment in the workers) or 'gpu' (training only: the batches
+            hold the JPEG files, decoded and augmented on the GPU by the trainer; see
+            data_loader.gpu_augment).
     """
 
     def __init__(self, runtime: LoaderRuntime, shards: str, dataset_size: int, shuffle: int, batch_size: int,
-                 num_workers: int = 0, train: bool = True, transform_type: TransformType = "val", n_augs: int = 1):
+                 num_workers: int = 0, train: bool = True, transform_type: TransformType = "val", n_augs: int = 1,
+                 augment_on: Literal["cpu", "gpu"] = "cpu"):
         self.runtime = runtime
         self.urls = list(braceexpand.braceexpand(shards))
         self.dataset_size = dataset_size
@@ -159,7 +169,8 @@ class WebLoader:
         self.batch_size = per_process_batch(batch_size, runtime.world_size)
         self.num_workers = num_workers
         self.training = train and shuffle > 0
-        self.transform = build_transform(transform_type, n_augs)
+        self.gpu_recipe = recipe_for(augment_on, transform_type, n_augs, self.training)
+        self.transform = None if self.gpu_recipe else build_transform(transform_type, n_augs)
         self.n_augs = n_augs
         self.epoch = 0
         self.start_step = 0

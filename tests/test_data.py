@@ -697,3 +697,44 @@ def test_train_one_epoch_from_an_image_folder(data, tmp_path):
     results, steps = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "folders")
     assert [s["step"] for s in steps] == [0, 1] and all(np.isfinite(s["loss"]) for s in steps)
     assert set(results["final"]) == {"train_loss", "lr", "knn@3_online"}
+
+
+def test_train_one_epoch_from_shards_with_gpu_augmentation(data, tmp_path):
+    """`augment_on: gpu`: the loader hands over JPEG files, the trainer decodes and augments them on
+    the device (the CPU here, with the same code)."""
+    train = {"type": "web_dataloader", "args": {"shards": data.pattern("train"), "dataset_size": 24, "shuffle": 8,
+                                                "batch_size": 12, "transform_type": "dino", "n_augs": 2,
+                                                "augment_on": "gpu"}}
+    bank = {"type": "web_dataloader", "args": {"shards": data.pattern("train"), "dataset_size": 24, "shuffle": 0,
+                                               "batch_size": 8, "train": True}}
+    val = {"type": "web_dataloader", "args": {"shards": data.pattern("val"), "dataset_size": 13, "shuffle": 0,
+                                              "batch_size": 8, "train": False}}
+    results, steps = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "gpu_aug")
+    assert [s["step"] for s in steps] == [0, 1] and all(np.isfinite(s["loss"]) for s in steps)
+    assert "knn@3_online" in results["final"]
+
+
+def test_gpu_augmentation_loaders_yield_files_and_refuse_evaluation(data, tmp_path, capsys):
+    loader = web(data.pattern("train"), 24, 8, 12, transform_type="dino", n_augs=2, augment_on="gpu")
+    files, labels = next(iter(loader))
+    assert len(files) == 12 and all(isinstance(f, bytes) and f[:2] in (b"\xff\xd8", b"\x89P") for f in files)
+    assert labels.shape == (12,)
+    with pytest.raises(ConfigError, match="augment_on: 'gpu' is for training loaders"):
+        web(data.pattern("val"), 13, 0, 4, train=False, transform_type="dino", n_augs=2, augment_on="gpu")
+    with pytest.raises(ConfigError, match="val"):
+        web(data.pattern("train"), 24, 8, 12, transform_type="val", n_augs=1, augment_on="gpu")
+    # a file that is no image in a GPU-augmented training batch: replaced, logged, the batch keeps its size
+    raw = tmp_path / "raw"
+    make_tree(raw, {"train": {"a": ["rgb"] * 6, "b": ["rgb"] * 5}, "val": {"a": ["rgb"], "b": ["rgb"]}}, 200)
+    (raw / "train" / "b" / "b_broken.JPEG").write_bytes(b"this is not a JPEG file")
+    run_script(raw, tmp_path / "shards", "--train-shard-size", "4")
+    train = {"type": "web_dataloader", "args": {"shards": shard_pattern(tmp_path / "shards" / "train", "train"),
+                                                "dataset_size": 12, "shuffle": 4, "batch_size": 12,
+                                                "transform_type": "dino", "n_augs": 2, "augment_on": "gpu"}}
+    bank = {"type": "web_dataloader", "args": {"shards": data.pattern("train"), "dataset_size": 24, "shuffle": 0,
+                                               "batch_size": 8, "train": True}}
+    val = {"type": "web_dataloader", "args": {"shards": data.pattern("val"), "dataset_size": 13, "shuffle": 0,
+                                              "batch_size": 8, "train": False}}
+    _, steps = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "gpu_aug_corrupt")
+    assert len(steps) == 1 and np.isfinite(steps[0]["loss"])
+    assert "another image of the batch takes its place" in capsys.readouterr().err

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from data_loader.base import batch_generator
+from data_loader.gpu_augment import BatchDecodeError, gpu_views
 from trainer.checkpoint import load_module_state, rng_state, save_checkpoint, set_rng_state, unwrap
 from trainer.precision import Precision
 from trainer.preemption import Preempted, StopSignal
@@ -181,7 +183,9 @@ class Trainer:
         pending: list[tuple] = []
         totals = {"loss": 0.0, "steps": 0}
         window_start = time.perf_counter()
-        for i, (views, _) in enumerate(self.loader, start=first):
+        for i, (views, labels) in enumerate(self.loader, start=first):
+            if self.loader.gpu_recipe is not None:
+                views = self._gpu_views(views, labels, epoch, i)
             lr = self.schedule(self.step)
             set_learning_rate(self.optimizer, lr)
             loss, info, grad_norm = self.train_step(views)
@@ -217,6 +221,21 @@ class Trainer:
         scaler.step(self.optimizer)
         scaler.update()
         return loss, info, grad_norm
+
+    def _gpu_views(self, files: list[bytes], labels: torch.Tensor, epoch: int, step: int) -> list[torch.Tensor]:
+        """`augment_on: gpu`: decode the batch's JPEG files and augment them on the device, with
+        randomness that depends only on (seed, epoch, step, rank). An undecodable file is replaced
+        by a copy of another file of the batch, so that every process keeps its batch size."""
+        files = list(files)
+        for _ in range(len(files)):
+            gen = batch_generator(self.data_seed + 2, epoch, step, self.proc.rank)
+            try:
+                return gpu_views(files, labels, self.loader.gpu_recipe, self.proc.device, gen)[0]
+            except BatchDecodeError as err:
+                log.warning("epoch %d, step %d: %s; a copy of another image of the batch takes its place",
+                            epoch, step, err)
+                files[err.index] = files[(err.index + 1) % len(files)]
+        raise RuntimeError(f"epoch {epoch}, step {step}: no image of the batch could be decoded")
 
     def _flush(self, pending: list[tuple], epoch: int, rate: float, totals: dict, bar: tqdm) -> None:
         """Read the pending steps' metrics back in one transfer, check them, write them."""
