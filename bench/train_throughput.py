@@ -6,13 +6,16 @@ GroCo loss), on ResNet-50 with V views of 224 px.
     python -m bench.train_throughput --shards 'data/train/imagenet-train-{000000..000639}.tar' \\
         --dataset-size 1280000 --workers 16                                      # real JPEG shards
 
-Prints samples/s, peak GPU memory and the loss's share of the step (the loss timed alone, forward
-and backward, on the step's embeddings); no pass/fail.
+In real-data mode the reference-style path reads through the PIL recipe on CPU workers and the
+other paths decode and augment on the GPU (`augment_on: gpu`). Prints samples/s, peak GPU memory
+and the loss's share of the step (the loss timed alone and uncompiled, forward and backward, on
+embeddings of the step's size); no pass/fail.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from typing import Callable, Iterator
 
@@ -59,16 +62,20 @@ def synthetic(batch: int, views: int, device: torch.device) -> Iterator[list[tor
         yield data
 
 
-def shard_batches(args, views: int, device: torch.device) -> Iterator[list[torch.Tensor]]:
-    """Batches from JPEG shards through the PIL recipe on CPU workers (the reference's data path)."""
-    from data_loader.base import LoaderRuntime
+def shard_batches(args, views: int, device: torch.device, on_gpu: bool) -> Iterator[list[torch.Tensor]]:
+    """Batches from JPEG shards: the PIL recipe on CPU workers (the reference's data path), or with
+    `on_gpu` the files decoded and augmented on the GPU (`augment_on: gpu`)."""
+    from data_loader.base import LoaderRuntime, batch_generator
+    from data_loader.gpu_augment import gpu_views
     from data_loader.webdata import WebLoader
 
-    loader = WebLoader(LoaderRuntime(), args.shards, args.dataset_size, 10000, args.batch,
-                       num_workers=args.workers, transform_type="dino", n_augs=views)
-    while True:
-        for batch_views, _ in loader:
-            yield [v.to(device, non_blocking=True) for v in batch_views]
+    loader = WebLoader(LoaderRuntime(), args.shards, args.dataset_size, 10000, args.batch, num_workers=args.workers,
+                       transform_type="dino", n_augs=views, augment_on="gpu" if on_gpu else "cpu")
+    for step, (batch, labels) in enumerate(itertools.chain.from_iterable(itertools.repeat(loader))):
+        if on_gpu:
+            yield gpu_views(batch, labels, loader.gpu_recipe, device, batch_generator(0, 0, step))[0]
+        else:
+            yield [v.to(device, non_blocking=True) for v in batch]
 
 
 def measure(step: Callable, batches: Iterator, steps: int, warmup: int, batch: int) -> tuple[float, float]:
@@ -127,7 +134,9 @@ def main() -> None:
     for name, (dtype, channels_last, compile_model, loss_fn) in paths.items():
         net = build(args.arch, channels_last, device)
         step = make_step(net, loss_fn, dtype, channels_last, compile_model)
-        batches = shard_batches(args, args.views, device) if args.shards else synthetic(args.batch, args.views, device)
+        on_gpu = not name.startswith("reference")  # ours decodes and augments on the GPU
+        batches = (shard_batches(args, args.views, device, on_gpu) if args.shards
+                   else synthetic(args.batch, args.views, device))
         rate, memory = measure(step, batches, args.steps, args.warmup, args.batch)
         step_ms = args.batch / rate * 1000
         share = loss_ms(loss_fn, args.batch, args.views) / step_ms
