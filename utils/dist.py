@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+_control_group = None  # a gloo group for control messages when the main backend is NCCL
+
 
 class LaunchError(RuntimeError):
     """The processes cannot be set up as asked (missing launcher variables, wrong world size)."""
@@ -142,9 +144,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if get_world_size() > 1:
         dist.all_reduce(x)
     return x
-
-
-_control_group = None
 
 
 def any_process(flag: bool) -> bool:
