@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from model.loss import GroCo, NT_Xent, NT_XentAllCombinations
+from trainer.checkpoint import load_checkpoint
 from utils.dist import LaunchError, init_process
 
 from .conftest import QUICKSTART, ROOT, only_run_dir
@@ -120,3 +123,53 @@ def test_torchrun_two_processes_on_the_cpu(tmp_path):
     assert [s["step"] for s in steps] == list(range(5))  # global batch 256 = 2 x 128: 5 steps
     assert "[rank 1]" not in (run / "train.log").read_text()  # rank 1 logs warnings only, to its stderr
     assert "BatchNorm statistics stay per process" in done.stderr
+
+
+def _launch_pair(argv: list[str], port: int) -> list[subprocess.Popen]:
+    """Two train.py processes started the way srun starts them (SLURM_PROCID / SLURM_NTASKS)."""
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1")
+        env.pop("SLURM_JOB_ID", None)  # no requeue here
+        procs.append(subprocess.Popen([sys.executable, "train.py", "--distributed", "--world-size", "2", *argv],
+                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[str]:
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    return errs
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM to rank 1 only: both ranks stop after the same step (the stop flag is all-reduced),
+    rank 0 saves, and resuming with two processes ends with the weights of an uninterrupted run."""
+    base = ["--config", str(QUICKSTART), "--epochs", "3", "trainer.log_step=1", "evaluator=null",
+            "trainer.init_val=false"]
+    stopped = tmp_path / "stopped"
+    procs = _launch_pair([*base, f"save_dir={stopped}"], free_port())
+    deadline = time.time() + 180
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        logs = list(stopped.glob("models/quickstart/*/metrics.jsonl"))
+        if logs and sum('"loss"' in line for line in open(logs[0])) >= 7:
+            procs[1].send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    errs = _wait(procs)
+    assert "received SIGTERM" in errs[1] and "stopped by a signal to another process" in errs[0]
+    run = only_run_dir(stopped, "quickstart")
+    ckpt = load_checkpoint(run / "latest_model.pth")
+    assert 0 < ckpt["epoch_step"] < 5 and ckpt["step"] < 15
+
+    _wait(_launch_pair(["--resume", str(run / "latest_model.pth")], free_port()))
+    straight = tmp_path / "straight"
+    _wait(_launch_pair([*base, f"save_dir={straight}"], free_port()))
+    a = load_checkpoint(run / "latest_model.pth")
+    b = load_checkpoint(only_run_dir(straight, "quickstart") / "latest_model.pth")
+    assert a["step"] == b["step"] == 15
+    for part in ("encoder", "projection"):
+        for name, value in a[part].items():
+            assert torch.equal(value, b[part][name]), f"{part}.{name} differs"
