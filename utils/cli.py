@@ -56,9 +56,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Optional[dict]]:
     """
     checkpoint = None
     if args.resume == "auto":
-        args.resume = find_auto_resume(args)
-    if args.resume:
+        found = find_auto_resume(args)  # already loaded there, to skip files that do not load
+        args.resume, checkpoint = (str(found[0]), found[1]) if found else (None, None)
+    elif args.resume:
         checkpoint = load_checkpoint(args.resume)
+    if checkpoint is not None:
         beside = Path(args.resume).parent / "config.yaml"
         if beside.is_file():
             config = read_yaml(beside)
@@ -87,8 +89,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Optional[dict]]:
     return config, checkpoint
 
 
-def find_auto_resume(args: argparse.Namespace) -> Optional[str]:
-    """`--resume auto`: the newest complete checkpoint under save_dir/models/<name>, or None."""
+def find_auto_resume(args: argparse.Namespace) -> Optional[tuple[Path, dict]]:
+    """`--resume auto`: the newest complete checkpoint under save_dir/models/<name> (its path and
+    contents), or None."""
     if not args.config:
         raise ConfigError("--resume auto needs --config (it looks for the runs of that config)")
     config = apply_overrides(load_config(args.config), list(args.overrides))
@@ -99,7 +102,7 @@ def find_auto_resume(args: argparse.Namespace) -> Optional[str]:
         log.info("--resume auto: no checkpoint under %s, starting a new run", runs)
         return None
     log.info("--resume auto: continuing from %s", found[0])
-    return str(found[0])
+    return found
 
 
 def print_summary(summary: dict) -> None:
