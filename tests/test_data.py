@@ -671,15 +671,23 @@ def run_one_epoch(config: dict, tmp_path: Path, name: str) -> tuple[dict, list[d
     return json.loads(results.read_text()), steps
 
 
-def test_train_one_epoch_from_shards(data, tmp_path):
-    """24 training images, global batch 12: two GroCo steps, then k-NN of the 13 val images on the
-    24-image bank, with a result for every query."""
+def shard_blocks(data: Data, **train_args) -> tuple[dict, dict, dict]:
+    """web_dataloader blocks on the test shards: training (global batch 12, dino x 2, `train_args`
+    added), the k-NN bank (the 24 training images) and the queries (the 13 val images)."""
     train = {"type": "web_dataloader", "args": {"shards": data.pattern("train"), "dataset_size": 24, "shuffle": 8,
-                                                "batch_size": 12, "transform_type": "dino", "n_augs": 2}}
+                                                "batch_size": 12, "transform_type": "dino", "n_augs": 2,
+                                                **train_args}}
     bank = {"type": "web_dataloader", "args": {"shards": data.pattern("train"), "dataset_size": 24, "shuffle": 0,
                                                "batch_size": 8, "train": True}}
     val = {"type": "web_dataloader", "args": {"shards": data.pattern("val"), "dataset_size": 13, "shuffle": 0,
                                               "batch_size": 8, "train": False}}
+    return train, bank, val
+
+
+def test_train_one_epoch_from_shards(data, tmp_path):
+    """24 training images, global batch 12: two GroCo steps, then k-NN of the 13 val images on the
+    24-image bank, with a result for every query."""
+    train, bank, val = shard_blocks(data)
     results, steps = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "shards")
     assert [s["step"] for s in steps] == [0, 1] and all(np.isfinite(s["loss"]) for s in steps)
     for phase in ("initial", "final"):
@@ -702,13 +710,7 @@ def test_train_one_epoch_from_an_image_folder(data, tmp_path):
 def test_train_one_epoch_from_shards_with_gpu_augmentation(data, tmp_path):
     """`augment_on: gpu`: the loader hands over JPEG files, the trainer decodes and augments them on
     the device (the CPU here, with the same code)."""
-    train = {"type": "web_dataloader", "args": {"shards": data.pattern("train"), "dataset_size": 24, "shuffle": 8,
-                                                "batch_size": 12, "transform_type": "dino", "n_augs": 2,
-                                                "augment_on": "gpu"}}
-    bank = {"type": "web_dataloader", "args": {"shards": data.pattern("train"), "dataset_size": 24, "shuffle": 0,
-                                               "batch_size": 8, "train": True}}
-    val = {"type": "web_dataloader", "args": {"shards": data.pattern("val"), "dataset_size": 13, "shuffle": 0,
-                                              "batch_size": 8, "train": False}}
+    train, bank, val = shard_blocks(data, augment_on="gpu")
     results, steps = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "gpu_aug")
     assert [s["step"] for s in steps] == [0, 1] and all(np.isfinite(s["loss"]) for s in steps)
     assert "knn@3_online" in results["final"]
@@ -731,10 +733,7 @@ def test_gpu_augmentation_loaders_yield_files_and_refuse_evaluation(data, tmp_pa
     train = {"type": "web_dataloader", "args": {"shards": shard_pattern(tmp_path / "shards" / "train", "train"),
                                                 "dataset_size": 12, "shuffle": 4, "batch_size": 12,
                                                 "transform_type": "dino", "n_augs": 2, "augment_on": "gpu"}}
-    bank = {"type": "web_dataloader", "args": {"shards": data.pattern("train"), "dataset_size": 24, "shuffle": 0,
-                                               "batch_size": 8, "train": True}}
-    val = {"type": "web_dataloader", "args": {"shards": data.pattern("val"), "dataset_size": 13, "shuffle": 0,
-                                              "batch_size": 8, "train": False}}
+    _, bank, val = shard_blocks(data)
     _, steps = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "gpu_aug_corrupt")
     assert len(steps) == 1 and np.isfinite(steps[0]["loss"])
     assert "another image of the batch takes its place" in capsys.readouterr().err
