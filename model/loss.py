@@ -37,7 +37,8 @@ def _gather(z: torch.Tensor, distributed: bool, detach: bool) -> torch.Tensor:
 
 class _SelectedSimilarity(torch.autograd.Function):
     """`values[b, k]` = <anchor[b], candidates[index[b, k]]>, already computed without gradient; the
-    backward pass is two sparse products (K non-zeros per row) instead of a `[B, K, D]` gather."""
+    backward pass multiplies by the `[B, N]` matrix that holds the K gradients of each row, instead
+    of differentiating the whole similarity matrix or gathering `[B, K, D]` candidates."""
 
     @staticmethod
     def forward(ctx, anchor: torch.Tensor, candidates: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
@@ -47,12 +48,31 @@ class _SelectedSimilarity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         anchor, candidates, index = ctx.saved_tensors
-        rows = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
-        weights = torch.sparse_coo_tensor(torch.stack((rows, index.flatten())), grad.flatten(),
-                                          (index.shape[0], candidates.shape[0]), check_invariants=False)
-        grad_anchor = torch.sparse.mm(weights, candidates) if ctx.needs_input_grad[0] else None
-        grad_candidates = torch.sparse.mm(weights.t(), anchor) if ctx.needs_input_grad[1] else None
+        weights = selected_weights(grad, index, candidates.shape[0], sparse=_use_sparse(grad))
+        grad_anchor = _matmul(weights, candidates) if ctx.needs_input_grad[0] else None
+        grad_candidates = _matmul(weights.t(), anchor) if ctx.needs_input_grad[1] else None
         return grad_anchor, grad_candidates, None, None
+
+
+def _use_sparse(grad: torch.Tensor) -> bool:
+    """Sparse products on the CPU, where the dense `[B, N] x [N, D]` products would cost as much as
+    the similarities; dense on a GPU and under torch.compile, where they are one cheap kernel each
+    (no index sorting, and traceable into a CUDA graph)."""
+    return grad.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def selected_weights(grad: torch.Tensor, index: torch.Tensor, n_candidates: int, sparse: bool) -> torch.Tensor:
+    """`[B, N]` matrix with `grad[b, k]` at column `index[b, k]` (the indices of a row are distinct)
+    and zeros elsewhere; a sparse COO tensor when `sparse`."""
+    if not sparse:
+        return grad.new_zeros(grad.shape[0], n_candidates).scatter_(1, index, grad)
+    rows = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
+    return torch.sparse_coo_tensor(torch.stack((rows, index.flatten())), grad.flatten(),
+                                   (index.shape[0], n_candidates), check_invariants=False)
+
+
+def _matmul(weights: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    return torch.sparse.mm(weights, dense) if weights.is_sparse else weights @ dense
 
 
 def hardest_negatives(anchor: torch.Tensor, candidates: torch.Tensor, offset: int, k: int) -> torch.Tensor:
@@ -80,6 +100,8 @@ def hardest_negatives(anchor: torch.Tensor, candidates: torch.Tensor, offset: in
         own = torch.arange(batch, device=anchor.device)
         sim[own, own + offset] = -float("inf")
         values, index = sim.topk(k, dim=1)
+    if candidates is anchor:  # one view, no stop-grad: torch.compile cannot trace one tensor given twice
+        candidates = anchor.view_as(anchor)
     return _SelectedSimilarity.apply(anchor, candidates, index.flip(1), values.flip(1))
 
 
@@ -102,8 +124,8 @@ def groco_anchor_loss(
     """GroCo loss of one anchor view (SPEC 1, steps 1-7).
 
     Args:
-        anchor: `[B, D]` projections of the anchor view (float32).
-        positives: the other global views, each `[B, D]`.
+        anchor: `[B, D]` L2-normalised projections of the anchor view (float32).
+        positives: the other global views, each `[B, D]` and L2-normalised.
         topk_neg: K, the number of hardest negatives sorted with the positives.
         steepness: s of the Cauchy relaxation.
         stop_grad: detach the positives and the negatives.
@@ -112,15 +134,12 @@ def groco_anchor_loss(
     Returns:
         the loss (0-dim) and similarity statistics (0-dim, detached).
     """
-    pos = torch.stack(
-        [F.cosine_similarity(anchor, p.detach() if stop_grad else p, dim=1, eps=COSINE_EPS) for p in positives],
-        dim=1,
-    )  # [B, P']
+    # cosine similarity = dot product of the unit vectors (each normalised once per view, by the caller)
+    pos = torch.stack([(anchor * (p.detach() if stop_grad else p)).sum(1) for p in positives], dim=1)  # [B, P']
     pos, _ = torch.sort(pos, dim=1)
-    anchor_n = F.normalize(anchor, dim=1, eps=COSINE_EPS)
-    candidates = _gather(anchor_n, distributed, detach=stop_grad)
+    candidates = _gather(anchor, distributed, detach=stop_grad)
     offset = get_rank() * anchor.shape[0] if distributed else 0
-    neg = hardest_negatives(anchor_n, candidates, offset, topk_neg)  # [B, K]
+    neg = hardest_negatives(anchor, candidates, offset, topk_neg)  # [B, K]
 
     # Target: the identity order, every negative ranked below every positive.
     below, above = relaxed_rank_mass(torch.cat((neg, pos), dim=1), topk_neg, steepness)  # [B, n] each
@@ -179,7 +198,7 @@ class GroCo(nn.Module):
     def forward(self, embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`embeddings`: V tensors `[B, D]` -> (loss, info of the first anchor)."""
         with torch.autocast(embeddings[0].device.type, enabled=False):
-            z = _float32(embeddings, self.n_augs, "GroCo")
+            z = [F.normalize(v, dim=1, eps=COSINE_EPS) for v in _float32(embeddings, self.n_augs, "GroCo")]
             total, first_info = 0.0, {}
             for a in range(self.n_augs):
                 positives = [z[p] for p in range(self.n_pos_augs) if p != a]

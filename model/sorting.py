@@ -1,9 +1,15 @@
 """The relaxed odd-even transposition sorting network (SPEC 1; Petersen et al., ICML 2021).
 
 Computes what `diffsort.DiffSortNet('odd_even', n, steepness=s, distribution='cauchy')` computes,
-with strided index operations instead of diffsort's dense 0/1 matrix products: on n inputs there
-are n layers; layer l compares the neighbours (i, i+1) for i = l % 2, l % 2 + 2, ...; every
-comparator (a, b) is relaxed with the Cauchy CDF alpha = atan(s * (b - a)) / pi + 1/2.
+with one gather per layer instead of diffsort's dense 0/1 matrix products: on n inputs there are n
+layers; layer l compares the neighbours (i, i+1) for i = l % 2, l % 2 + 2, ...; every comparator
+(a, b) is relaxed with the Cauchy CDF alpha = atan(s * (b - a)) / pi + 1/2 and outputs
+(alpha a + (1 - alpha) b, (1 - alpha) a + alpha b).
+
+Written per wire: with p(i) the wire compared with i (i itself when unpaired) and d = x[p(i)] - x[i],
+both outputs of a comparator are x[i] + (1 - alpha) d, and 1 - alpha = 1/2 + atan(s * sign(i) * d) / pi
+with sign -1 on the lower wire and +1 on the upper one (0 on an unpaired wire, whose d is 0). A layer is
+then a handful of full-width element-wise kernels, which keeps the GPU's launch count low.
 """
 
 from __future__ import annotations
@@ -18,9 +24,46 @@ def odd_even_layers(n: int) -> list[tuple[int, int]]:
     return [(layer % 2, (n - layer % 2) // 2) for layer in range(n)]
 
 
-def _interleave(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """`[..., m]`, `[..., m]` -> `[..., 2m]` as lo0, hi0, lo1, hi1, ..."""
-    return torch.stack((lo, hi), dim=-1).flatten(-2)
+def _wiring(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`partner` `[n_layers, n]` long and `sign` `[n_layers, n]` float32 (-1 lower, +1 upper, 0 unpaired)."""
+    layers = odd_even_layers(n)
+    partner = torch.arange(n).repeat(len(layers), 1)
+    sign = torch.zeros(len(layers), n)
+    for layer, (start, count) in enumerate(layers):
+        lower = torch.arange(start, start + 2 * count, 2)
+        partner[layer, lower], partner[layer, lower + 1] = lower + 1, lower
+        sign[layer, lower], sign[layer, lower + 1] = -1.0, 1.0
+    return partner, sign
+
+
+_WIRING_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def wiring(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's wiring (see `_wiring`) on `device`, copied there once per (n, device, dtype): a
+    copy from pageable host memory at every call would wait for the GPU. Under torch.compile the
+    tensors become constants of the graph."""
+    if torch.compiler.is_compiling():
+        partner, sign = _wiring(n)
+        return partner.to(device), sign.to(device=device, dtype=dtype)
+    key = (n, torch.device(device), dtype)
+    if key not in _WIRING_CACHE:
+        partner, sign = _wiring(n)
+        _WIRING_CACHE[key] = partner.to(device), sign.to(device=device, dtype=dtype)
+    return _WIRING_CACHE[key]
+
+
+def _layers(scores: torch.Tensor, steepness: float):
+    """Run the network on `scores` `[B, n]`; yields (partner `[n]`, mixing weight `[B, n]`, output `[B, n]`)
+    per layer, where the layer maps any `u` to `u + weight * (u[:, partner] - u)`."""
+    partner, sign = wiring(scores.shape[1], scores.device, scores.dtype)
+    x = scores
+    for layer in range(partner.shape[0]):
+        d = x[:, partner[layer]] - x
+        turn = torch.atan(d * (sign[layer] * steepness))
+        weight = turn.mul(1 / math.pi).add_(0.5)  # 1 - alpha of the wire's comparator
+        x = torch.addcmul(x, weight, d)
+        yield partner[layer], weight, x
 
 
 def relaxed_sort(scores: torch.Tensor, steepness: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,31 +78,13 @@ def relaxed_sort(scores: torch.Tensor, steepness: float = 1.0) -> tuple[torch.Te
         perm: `[B, n, n]`, `perm[b, i, j]` the relaxed probability that input i ends at rank j.
     """
     batch, n = scores.shape
-    x = scores
+    values = scores
     perm = torch.eye(n, dtype=scores.dtype, device=scores.device).expand(batch, n, n)
-    for start, count in odd_even_layers(n):
-        end = start + 2 * count
-        a, b = x[:, start:end:2], x[:, start + 1 : end : 2]
-        alpha = torch.atan(steepness * (b - a)) / math.pi + 0.5  # [B, count]
-        x = torch.cat(
-            (x[:, :start], _interleave(alpha * a + (1 - alpha) * b, (1 - alpha) * a + alpha * b), x[:, end:]),
-            dim=1,
-        )
-        pa, pb = perm[:, :, start:end:2], perm[:, :, start + 1 : end : 2]
-        w = alpha.unsqueeze(1)  # the same mixing for every input row
-        perm = torch.cat(
-            (perm[:, :, :start], _interleave(w * pa + (1 - w) * pb, (1 - w) * pa + w * pb), perm[:, :, end:]),
-            dim=2,
-        )
-    return x, perm
-
-
-def _mix(u: torch.Tensor, alpha: torch.Tensor, start: int, count: int) -> torch.Tensor:
-    """One layer's comparators applied to `u` `[B, n]`: (a, b) -> (alpha a + (1-alpha) b, (1-alpha) a + alpha b)."""
-    end = start + 2 * count
-    a, b = u[:, start:end:2], u[:, start + 1 : end : 2]
-    return torch.cat((u[:, :start], _interleave(alpha * a + (1 - alpha) * b, (1 - alpha) * a + alpha * b), u[:, end:]),
-                     dim=1)
+    for partner, weight, out in _layers(scores, steepness):
+        # every input row's probabilities move between the compared ranks like the values do
+        perm = torch.addcmul(perm, weight.unsqueeze(1), perm[:, :, partner] - perm)
+        values = out
+    return values, perm
 
 
 def relaxed_rank_mass(scores: torch.Tensor, split: int, steepness: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +94,8 @@ def relaxed_rank_mass(scores: torch.Tensor, split: int, steepness: float = 1.0) 
 
     Every layer mixes the permutation matrix's columns pairwise with a symmetric matrix M_l, so
     perm = M_1 ... M_L and perm @ m = M_1 (... (M_L m)): the column sums are two vectors pushed
-    back through the layers, O(n) per layer instead of O(n^2).
+    back through the layers, O(n) per layer instead of O(n^2). Both are computed (rather than one
+    as 1 minus the other) so that a mass near 0 keeps its relative precision for the log of the BCE.
 
     Args:
         scores: `[B, n]` values to sort.
@@ -79,15 +105,9 @@ def relaxed_rank_mass(scores: torch.Tensor, split: int, steepness: float = 1.0) 
         below, above: `[B, n]` each.
     """
     batch, n = scores.shape
-    layers = odd_even_layers(n)
-    x, alphas = scores, []
-    for start, count in layers:
-        end = start + 2 * count
-        alpha = torch.atan(steepness * (x[:, start + 1 : end : 2] - x[:, start:end:2])) / math.pi + 0.5
-        alphas.append(alpha)
-        x = _mix(x, alpha, start, count)
-    above = (torch.arange(n, device=scores.device) >= split).to(scores.dtype).expand(batch, n)
-    below = 1 - above
-    for (start, count), alpha in zip(reversed(layers), reversed(alphas)):
-        above, below = _mix(above, alpha, start, count), _mix(below, alpha, start, count)
-    return below, above
+    layers = [(partner, weight.unsqueeze(1)) for partner, weight, _ in _layers(scores, steepness)]
+    above = (torch.arange(n, device=scores.device) >= split).to(scores.dtype)
+    mass = torch.stack((1 - above, above)).expand(batch, 2, n)  # [B, 2, n]: below, above
+    for partner, weight in reversed(layers):
+        mass = torch.addcmul(mass, weight, mass[:, :, partner] - mass)
+    return mass[:, 0], mass[:, 1]

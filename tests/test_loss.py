@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.loss import GroCo, NT_Xent, NT_XentAllCombinations, NT_XentWithMoreNegatives
-from model.sorting import relaxed_rank_mass, relaxed_sort
+from model.loss import GroCo, NT_Xent, NT_XentAllCombinations, NT_XentWithMoreNegatives, selected_weights
+from model.sorting import relaxed_rank_mass, relaxed_sort, wiring
 
 
 def spec_groco(z, n_pos, k, s, stop_grad):
@@ -108,6 +108,34 @@ def test_relaxed_rank_mass_equals_the_permutation_sums(n, split):
     below, above = relaxed_rank_mass(x, split, 1.5)
     torch.testing.assert_close(below, perm[:, :, :split].sum(2))
     torch.testing.assert_close(above, perm[:, :, split:].sum(2))
+
+
+def test_wiring_pairs_neighbours_like_the_odd_even_network():
+    partner, sign = wiring(5, torch.device("cpu"), torch.float32)
+    assert partner.tolist() == [[1, 0, 3, 2, 4], [0, 2, 1, 4, 3]] * 2 + [[1, 0, 3, 2, 4]]
+    assert sign[:2].tolist() == [[-1, 1, -1, 1, 0], [0, -1, 1, -1, 1]]
+
+
+def test_selected_weights_dense_equals_sparse():
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(6, 4, generator=gen)
+    index = torch.stack([torch.randperm(9, generator=gen)[:4] for _ in range(6)])
+    dense = selected_weights(grad, index, 9, sparse=False)
+    torch.testing.assert_close(selected_weights(grad, index, 9, sparse=True).to_dense(), dense)
+    assert dense[2, index[2, 1]] == grad[2, 1] and (dense != 0).sum() == grad.numel()
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_compiled_groco_is_one_graph_and_equals_spec(stop_grad):
+    """fullgraph=True fails on any graph break, so the loss can run as one CUDA graph; compiled, the
+    backward takes the dense-weights path, which must give the SPEC gradient too."""
+    views = _views(3, batch=24)
+    compiled = torch.compile(GroCo(n_augs=3, stop_grad=stop_grad), fullgraph=True)
+    loss, grads = _value_and_grads(lambda v: compiled(v)[0], views)
+    ref_loss, ref_grads = _value_and_grads(lambda v: spec_groco(v, 3, 10, 1.0, stop_grad), views)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
 
 
 def spec_nt_xent_more_negatives(z, temperature, stop_grad=False, topk_neg=None):
