@@ -57,6 +57,7 @@ def test_dry_run_overrides_and_eval_dry_run(tmp_path, capsys):
         (["loss.type=Sorter"], "loss.type: unknown loss type 'Sorter'; valid types: GroCo"),
         (["trainer.epochz=2"], "trainer.epochz: unknown key"),
         (["--resume", "nowhere/latest_model.pth"], "checkpoint not found: nowhere/latest_model.pth"),
+        (["trainer.compile=fast"], "trainer.compile: 'fast' is not one of ['default', 'reduce-overhead'"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
@@ -240,3 +241,14 @@ def test_channels_last_computes_the_same(tmp_path, small_quickstart):
                          f"trainer.channels_last={layout}") == 0
     plain, nhwc = (_step_losses(only_run_dir(tmp_path / layout, "quickstart")) for layout in ("false", "true"))
     assert len(plain) == 5 and plain == pytest.approx(nhwc, rel=1e-3)
+
+
+def test_compile_computes_the_same(tmp_path, small_quickstart):
+    """trainer.compile (here in the CUDA-graph mode, which on the CPU compiles without graphs) trains
+    the model and the loss compiled to the same step losses as eager, and its metrics survive."""
+    base = [a for a in small_quickstart if not str(a).startswith("save_dir=")]
+    for mode in ("false", "reduce-overhead"):
+        assert run_train(*base, f"save_dir={tmp_path / mode}", "--epochs", "1", *FAST, "trainer.log_step=2",
+                         f"trainer.compile={mode}") == 0
+    eager, compiled = (_step_losses(only_run_dir(tmp_path / m, "quickstart")) for m in ("false", "reduce-overhead"))
+    assert len(compiled) == 5 and compiled == pytest.approx(eager, rel=1e-3)

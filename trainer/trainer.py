@@ -78,8 +78,12 @@ class Trainer:
         self.data_seed = data_seed
         self.params = [p for p in model.parameters() if p.requires_grad]
         # compiled callables for the step; state dicts come from the modules themselves
-        self.forward = torch.compile(model) if settings.compile else model
-        self.compute_loss = torch.compile(loss_fn) if settings.compile else loss_fn
+        mode = "default" if settings.compile is True else settings.compile or None
+        self.forward = torch.compile(model, mode=mode) if mode else model
+        self.compute_loss = torch.compile(loss_fn, mode=mode) if mode else loss_fn
+        # CUDA graphs replay into the same output buffers: each step is marked, and what is kept
+        # across steps is copied out (`_metrics_row`)
+        self.cuda_graphs = mode in ("reduce-overhead", "max-autotune") and proc.device.type == "cuda"
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.start_epoch = 0
         self.start_step = 0  # batches of start_epoch already done (a run preempted mid-epoch)
@@ -189,7 +193,7 @@ class Trainer:
             lr = self.schedule(self.step)
             set_learning_rate(self.optimizer, lr)
             loss, info, grad_norm = self.train_step(views)
-            pending.append((self.step, lr, loss.detach(), grad_norm.detach(), info))
+            pending.append((self.step, lr, _metrics_row(loss, grad_norm, info), list(info)))
             self.step += 1
             bar.update(global_batch)
             stop = self.stop.requested()
@@ -209,6 +213,8 @@ class Trainer:
         """One optimisation step on `views` (V tensors `[b, 3, H, W]`); returns loss, info, grad norm."""
         views = [v.to(self.proc.device, non_blocking=True).contiguous(memory_format=self.memory_format)
                  for v in views]
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with self.precision.autocast():
             embeddings = self.forward(views)
         loss, info = self.compute_loss(embeddings)
@@ -239,9 +245,8 @@ class Trainer:
 
     def _flush(self, pending: list[tuple], epoch: int, rate: float, totals: dict, bar: tqdm) -> None:
         """Read the pending steps' metrics back in one transfer, check them, write them."""
-        info_keys = list(pending[0][4])
-        values = torch.stack([torch.stack([p[2].float(), p[3].float(), *(p[4][k].float() for k in info_keys)])
-                              for p in pending]).cpu()
+        info_keys = pending[0][3]
+        values = torch.stack([p[2] for p in pending]).cpu()  # [steps, 2 + len(info_keys)]
         bad = all_reduce_sum((~torch.isfinite(values[:, 0])).any().float().to(self.proc.device))
         if bad.item() > 0:
             where = self.run.checkpoint() if self.run else "none"
@@ -281,6 +286,12 @@ class Trainer:
                      time.perf_counter() - start)
         self.model.train()
         return metrics
+
+
+def _metrics_row(loss: torch.Tensor, grad_norm: torch.Tensor, info: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`[2 + len(info)]` float32 on the device: loss, gradient norm, then the info values in order.
+    A new tensor, so it survives the next replay of a CUDA graph that produced its inputs."""
+    return torch.stack([loss.detach().float(), grad_norm.detach().float(), *(v.float() for v in info.values())])
 
 
 def _fmt(value: Any) -> str:

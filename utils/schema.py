@@ -32,8 +32,10 @@ class TrainerSettings:
     (the paper's setting; CUDA only); 'bf16' = bfloat16 autocast, no scaler. On the CPU the run is
     float32 whatever is asked, and the log says so. `channels_last` stores images and convolution
     weights NHWC (faster convolutions with tensor cores); `compile` runs the model and the loss
-    through torch.compile. Both are off by default; neither changes what is computed beyond
-    floating-point rounding.
+    through torch.compile: true = its default mode, or a mode by name. 'reduce-overhead' (and
+    'max-autotune') also replay them as CUDA graphs on a GPU, which removes the kernel-launch cost
+    that dominates the small GroCo loss. Both are off by default; neither changes what is computed
+    beyond floating-point rounding.
     """
 
     epochs: int
@@ -44,7 +46,7 @@ class TrainerSettings:
     log_step: int = 50
     clip_grad: Optional[float] = None
     channels_last: bool = False
-    compile: bool = False
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False
 
 
 @dataclasses.dataclass
