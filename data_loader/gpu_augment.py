@@ -33,8 +33,17 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.functional import pil_to_tensor
 
-from data_loader.transforms import GLOBAL_SIZE, LOCAL_SIZE, MEAN, N_LOCAL_VIEWS, STD, UndecodableImageError
+from data_loader.transforms import (
+    GLOBAL_SIZE,
+    LOCAL_SIZE,
+    MEAN,
+    N_LOCAL_VIEWS,
+    STD,
+    UndecodableImageError,
+    decode_image,
+)
 from utils.config import ConfigError
 
 GPU_RECIPES = ("linear_prob", "simclr", "dino", "dino_multicrop")
@@ -45,30 +54,72 @@ MAX_CANVAS_ELEMENTS = 2**28  # float32 pixels of one padded group of decoded ima
 
 
 class BatchDecodeError(UndecodableImageError):
-    """Image `index` of a batch is not a decodable JPEG."""
+    """Image `index` of a batch cannot be decoded."""
 
     def __init__(self, index: int, message: str):
-        super().__init__(f"image {index} of the batch: cannot decode the JPEG ({message})")
+        super().__init__(f"image {index} of the batch: cannot decode it ({message})")
         self.index = index
 
 
-def decode_batch(jpeg_bytes: Sequence[bytes], device: torch.device | str) -> list[torch.Tensor]:
-    """Decode JPEG files on `device` (nvJPEG, batched, on CUDA): B files -> B x uint8 `[3, H_i, W_i]`.
+def jpeg_components(data: bytes) -> int | None:
+    """The number of colour components in a JPEG's frame header (1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK),
+    or None when `data` is not a JPEG (a PNG under a .JPEG name, say) or has no frame header before
+    its scan. Reads only the marker segments, never the image data."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+            return data[pos + 9] if pos + 9 < len(data) else None
+        if marker == 0xDA:  # start of scan without a frame
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None
 
-    Grayscale and colour JPEGs alike give 3 channels. Raises BatchDecodeError naming the index of
-    the first undecodable file (the batched call fails as a whole, so the files are then decoded one
-    by one to find it; nothing is decoded elsewhere than on `device`).
-    """
-    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpeg_bytes]
+
+def _decode_on_cpu(data: bytes, index: int, device: torch.device | str) -> torch.Tensor:
+    """A file nvJPEG does not take (not a JPEG, CMYK, ...): PIL on the CPU, as the PIL recipes
+    decode it, then `[3, H, W]` uint8 on `device`."""
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        for index, one in enumerate(data):
+        image = decode_image(data, f"image {index} of the batch")
+    except UndecodableImageError as err:
+        raise BatchDecodeError(index, str(err.__cause__ or err)) from err
+    return pil_to_tensor(image).to(device)
+
+
+def decode_batch(files: Sequence[bytes], device: torch.device | str) -> list[torch.Tensor]:
+    """Decode a batch's image files on `device` (nvJPEG, batched, on CUDA): B files -> B x uint8
+    `[3, H_i, W_i]`.
+
+    Grey and colour JPEGs are decoded there, 3 channels each. The rare others (ImageNet's training set
+    has 22 CMYK JPEGs and one PNG under a .JPEG name) are decoded by PIL on the CPU, as the PIL
+    recipes decode them, and copied over. Raises BatchDecodeError naming the index of the first file
+    that neither decodes (a truncated file, say).
+    """
+    images: list[torch.Tensor | None] = [None] * len(files)
+    on_device = [i for i, f in enumerate(files) if jpeg_components(f) in (1, 3)]
+    data = [torch.frombuffer(bytearray(files[i]), dtype=torch.uint8) for i in on_device]
+    try:
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
+    except RuntimeError:  # the batched call fails as a whole: one by one, to find the file
+        decoded = []
+        for i, one in zip(on_device, data):
             try:
-                decode_jpeg(one, mode=ImageReadMode.RGB, device=device)
-            except RuntimeError as err:
-                raise BatchDecodeError(index, str(err)) from err
-        raise  # the batch failed but no file alone does: the batched decoder's own error
+                decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(_decode_on_cpu(files[i], i, device))
+    for i, image in zip(on_device, decoded):
+        images[i] = image
+    for i, image in enumerate(images):
+        if image is None:
+            images[i] = _decode_on_cpu(files[i], i, device)
+    return images
 
 
 # ----------------------------------------------------------------------------- recipes

@@ -236,6 +236,26 @@ def test_decode_batch_equals_pil():
         assert (tensor.int() - ref.int()).abs().max() <= 2
 
 
+def test_decode_batch_takes_cmyk_and_png_through_pil():
+    """nvJPEG gets the grey and colour JPEGs; a CMYK JPEG and a PNG under a .JPEG name (both in
+    ImageNet's training set) are decoded as the PIL recipes decode them."""
+    image = smooth_image(120, 160)
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    files = {}
+    for name, mode, fmt in [("rgb", "RGB", "JPEG"), ("gray", "L", "JPEG"), ("cmyk", "CMYK", "JPEG"),
+                            ("png", "RGBA", "PNG")]:
+        buffer = io.BytesIO()
+        pil.convert(mode).save(buffer, fmt, quality=95)
+        files[name] = buffer.getvalue()
+    assert [ga.jpeg_components(f) for f in files.values()] == [3, 1, 4, None]
+    decoded = ga.decode_batch(list(files.values()), "cpu")
+    for tensor, raw in zip(decoded, files.values()):
+        ref = torch.from_numpy(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).copy()).permute(2, 0, 1)
+        assert tensor.dtype == torch.uint8 and tensor.shape == (3, 120, 160)
+        assert (tensor.int() - ref.int()).abs().max() <= 2
+    assert torch.equal(decoded[3], image)  # the PNG is lossless
+
+
 def test_decode_batch_names_the_corrupt_image():
     good = jpeg_bytes(smooth_image(64, 64))
     with pytest.raises(ga.BatchDecodeError, match="image 2 of the batch") as err:
@@ -260,3 +280,16 @@ def test_cuda_views_equal_cpu_views():
     cuda = recipe(ga.decode_batch(data, "cuda"), torch.Generator().manual_seed(0))
     for a, b in zip(cpu, cuda):
         assert b.is_cuda and (a - b.cpu()).abs().mean() < 0.02  # nvJPEG's IDCT differs by a grey level or so
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decode_of_a_mixed_batch():
+    pil = Image.fromarray(smooth_image(120, 160).permute(1, 2, 0).numpy())
+    files = []
+    for mode, fmt in [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG")]:
+        buffer = io.BytesIO()
+        pil.convert(mode).save(buffer, fmt, quality=95)
+        files.append(buffer.getvalue())
+    for cpu, cuda in zip(ga.decode_batch(files, "cpu"), ga.decode_batch(files, "cuda")):
+        assert cuda.is_cuda and cuda.shape == cpu.shape and (cuda.cpu().float() - cpu.float()).abs().mean() < 2
