@@ -22,10 +22,13 @@ class ReferenceStyleGroCo(torch.nn.Module):
     """SPEC 1 computed the way the paper's code does it: all similarities with gradient, top-k,
     diffsort's matrix-product network, torch's BCELoss."""
 
-    def __init__(self, n_augs: int, topk_neg: int = 10, steepness: float = 1.0, device: str = "cpu"):
+    def __init__(self, n_augs: int, topk_neg: int = 10, steepness: float = 1.0, device: str = "cpu",
+                 n_pos_augs: int | None = None):
         super().__init__()
         self.n_augs, self.k = n_augs, topk_neg
-        self.sorter = diffsort.DiffSortNet("odd_even", n_augs - 1 + topk_neg, steepness=steepness, device=device)
+        self.n_pos = n_augs if n_pos_augs is None else n_pos_augs
+        self.sorters = {n: diffsort.DiffSortNet("odd_even", n + topk_neg, steepness=steepness, device=device)
+                        for n in {self.n_pos - 1, self.n_pos}}  # positives of a global / a local anchor
         self.bce = torch.nn.BCELoss()
 
     def forward(self, z: list[torch.Tensor]) -> torch.Tensor:
@@ -33,13 +36,13 @@ class ReferenceStyleGroCo(torch.nn.Module):
         for a in range(self.n_augs):
             anchor = z[a].float()
             pos = torch.stack([F.cosine_similarity(anchor, z[p].float().detach(), dim=1)
-                               for p in range(self.n_augs) if p != a], dim=1)
+                               for p in range(self.n_pos) if p != a], dim=1)
             normed = F.normalize(anchor, dim=1, eps=1e-8)
             sim = normed @ normed.detach().T
             sim = sim.masked_fill(torch.eye(len(anchor), dtype=torch.bool, device=anchor.device), -float("inf"))
             neg = torch.topk(sim, self.k, dim=1).values.flip(1)
             scores = torch.cat((neg, torch.sort(pos, dim=1).values), dim=1)
-            _, perm = self.sorter(scores)
+            _, perm = self.sorters[pos.shape[1]](scores)
             n = scores.shape[1]
             target = (torch.arange(n, device=anchor.device) >= self.k).float().expand(len(anchor), n)
             pred_pos = perm[:, :, self.k:].sum(2).clamp(0, 1)

@@ -1,15 +1,19 @@
-"""Training throughput of one GPU: the reference-style step (float16 with a loss scaler, NCHW, the
-reference-style GroCo loss) against this repository's (bfloat16, channels_last, torch.compile, its
-GroCo loss), on ResNet-50 with V views of 224 px.
+"""Training throughput of one device: the reference-style step (float16 with a loss scaler, NCHW,
+the reference-style GroCo loss, PIL augmentation on CPU workers) against this repository's
+(bfloat16, channels_last, torch.compile, its GroCo loss, decoding and augmentation on the GPU),
+on ResNet-50 with 2 x 224 views, or 2 x 224 + 6 x 96 with `--multicrop`.
 
-    python -m bench.train_throughput --batch 256 --views 2 --steps 30            # synthetic images
+    python -m bench.train_throughput --batch 256 --steps 30                       # synthetic images
+    python -m bench.train_throughput --batch 256 --multicrop --compile-mode reduce-overhead
     python -m bench.train_throughput --shards 'data/train/imagenet-train-{000000..000639}.tar' \\
-        --dataset-size 1280000 --workers 16                                      # real JPEG shards
+        --workers 16                                                              # real JPEG shards
 
-In real-data mode the reference-style path reads through the PIL recipe on CPU workers and the
-other paths decode and augment on the GPU (`augment_on: gpu`). Prints samples/s, peak GPU memory
-and the loss's share of the step (the loss timed alone and uncompiled, forward and backward, on
-embeddings of the step's size); no pass/fail.
+Prints, per path: samples/s, peak GPU memory and, with synthetic images, the loss's share of the
+step: the same step with a trivial loss (mean square of the embeddings) is timed too, and the share
+is 1 - t_trivial / t_step, so it counts the loss as it runs inside the step (compiled or not). In
+real-data mode the reference-style path reads through the PIL recipe on CPU workers and ours
+decodes and augments on the GPU (`augment_on: gpu`). No pass/fail. `--device cpu` runs the same
+code on the CPU (float32, no compile unless asked), for checking the script itself.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -26,6 +30,8 @@ from model.encoder import ResNetEncoder
 from model.loss import GroCo
 from model.projection import MLPProjection, SSLModel
 
+N_LOCAL = 6
+
 
 def build(arch: str, channels_last: bool, device: torch.device) -> SSLModel:
     torch.manual_seed(0)
@@ -33,16 +39,25 @@ def build(arch: str, channels_last: bool, device: torch.device) -> SSLModel:
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def make_step(net: SSLModel, loss_fn: Callable, dtype: torch.dtype, channels_last: bool, compile_model: bool):
-    """One optimisation step on `views`; returns a function views -> loss tensor."""
+def trivial_loss(embeddings: list[torch.Tensor]) -> torch.Tensor:
+    """A loss that costs next to nothing and reaches every embedding: the baseline of the share."""
+    return sum(z.float().square().mean() for z in embeddings)
+
+
+def make_step(net: SSLModel, forward: Callable, loss_fn: Callable, dtype: Optional[torch.dtype],
+              channels_last: bool, cuda_graphs: bool):
+    """One optimisation step (the trainer's: autocast forward, float32 loss, scaled backward,
+    unscale, clip, step); returns a function views -> loss."""
+    device = next(net.parameters()).device
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
-    forward = torch.compile(net) if compile_model else net
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def step(views: list[torch.Tensor]) -> torch.Tensor:
         views = [v.contiguous(memory_format=fmt) for v in views]
-        with torch.autocast("cuda", dtype=dtype):
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             embeddings = forward(views)
         loss = loss_fn(embeddings)
         optimizer.zero_grad(set_to_none=True)
@@ -51,26 +66,32 @@ def make_step(net: SSLModel, loss_fn: Callable, dtype: torch.dtype, channels_las
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1e6)
         scaler.step(optimizer)
         scaler.update()
-        return loss
+        return loss.detach().clone()
 
     return step
 
 
-def synthetic(batch: int, views: int, device: torch.device) -> Iterator[list[torch.Tensor]]:
-    data = [torch.randn(batch, 3, 224, 224, device=device) for _ in range(views)]
+def view_sizes(multicrop: bool, global_size: int = 224, local_size: int = 96) -> list[int]:
+    return [global_size] * 2 + ([local_size] * N_LOCAL if multicrop else [])
+
+
+def synthetic(batch: int, sizes: list[int], device: torch.device) -> Iterator[list[torch.Tensor]]:
+    data = [torch.randn(batch, 3, s, s, device=device) for s in sizes]
     while True:
         yield data
 
 
-def shard_batches(args, views: int, device: torch.device, on_gpu: bool) -> Iterator[list[torch.Tensor]]:
+def shard_batches(args, n_views: int, device: torch.device, on_gpu: bool) -> Iterator[list[torch.Tensor]]:
     """Batches from JPEG shards: the PIL recipe on CPU workers (the reference's data path), or with
-    `on_gpu` the files decoded and augmented on the GPU (`augment_on: gpu`)."""
+    `on_gpu` the files decoded and augmented on the device (`augment_on: gpu`)."""
     from data_loader.base import LoaderRuntime, batch_generator
     from data_loader.gpu_augment import gpu_views
     from data_loader.webdata import WebLoader
 
-    loader = WebLoader(LoaderRuntime(), args.shards, args.dataset_size, 10000, args.batch, num_workers=args.workers,
-                       transform_type="dino", n_augs=views, augment_on="gpu" if on_gpu else "cpu")
+    loader = WebLoader(LoaderRuntime(), args.shards, args.dataset_size, args.shuffle, args.batch,
+                       num_workers=args.workers, train=True,
+                       transform_type="dino_multicrop" if args.multicrop else "dino", n_augs=n_views,
+                       augment_on="gpu" if on_gpu else "cpu")
     for step, (batch, labels) in enumerate(itertools.chain.from_iterable(itertools.repeat(loader))):
         if on_gpu:
             yield gpu_views(batch, labels, loader.gpu_recipe, device, batch_generator(0, 0, step))[0]
@@ -78,71 +99,96 @@ def shard_batches(args, views: int, device: torch.device, on_gpu: bool) -> Itera
             yield [v.to(device, non_blocking=True) for v in batch]
 
 
-def measure(step: Callable, batches: Iterator, steps: int, warmup: int, batch: int) -> tuple[float, float]:
-    """(samples/s, peak GPU GiB) over `steps` steps after `warmup` steps."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(step: Callable, batches: Iterator, steps: int, warmup: int, batch: int,
+            device: torch.device) -> tuple[float, Optional[float]]:
+    """(samples/s, peak GPU GiB or None) over `steps` steps after `warmup` steps."""
     for _ in range(warmup):
         step(next(batches))
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         step(next(batches))
-    torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start), torch.cuda.max_memory_allocated() / 2**30
+    _sync(device)
+    rate = steps * batch / (time.perf_counter() - start)
+    return rate, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
-def loss_ms(loss_fn: Callable, batch: int, views: int, repeats: int = 20) -> float:
-    """Milliseconds of the loss alone, forward and backward, on [batch, 2048] embeddings."""
-    z = [torch.randn(batch, 2048, device="cuda", requires_grad=True) for _ in range(views)]
-    for _ in range(3):
-        loss_fn(z).backward()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        loss_fn(z).backward()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1000
+def paths(args, device: torch.device) -> dict[str, tuple]:
+    """name -> (autocast dtype, channels_last, compile mode or None, loss, data on the GPU)."""
+    n_views = len(view_sizes(args.multicrop))
+    n_pos = 2 if args.multicrop else n_views
+    reference = ReferenceStyleGroCo(n_views, device=device.type, n_pos_augs=n_pos)
+    groco = GroCo(n_augs=n_views, n_pos_augs=n_pos)
+
+    def ours(embeddings: list[torch.Tensor]) -> torch.Tensor:
+        return groco(embeddings)[0]
+
+    fp16 = torch.float16 if device.type == "cuda" else None
+    bf16 = torch.bfloat16 if device.type == "cuda" else None
+    table = {"reference-style (fp16, NCHW)": (fp16, False, None, reference, False)}
+    if not args.short:
+        table["fp16, NCHW, our loss"] = (fp16, False, None, ours, True)
+        table["bf16, channels_last, our loss"] = (bf16, True, None, ours, True)
+    for mode in args.compile_mode:
+        table[f"bf16, channels_last, compile {mode}, our loss"] = (bf16, True, mode, ours, True)
+    return table
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--batch", type=int, default=256, help="per-GPU batch")
-    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--multicrop", action="store_true", help="2 x 224 + 6 x 96 views (else 2 x 224)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--compile-mode", nargs="*", default=["default"], metavar="MODE",
+                   help="torch.compile modes to time for ours (none: leave compile out)")
+    p.add_argument("--short", action="store_true", help="only the reference-style path and the compiled ones")
     p.add_argument("--shards", help="JPEG shards (brace pattern): real-data mode")
-    p.add_argument("--dataset-size", type=int, default=1280000)
+    p.add_argument("--dataset-size", type=int, default=1281167)
+    p.add_argument("--shuffle", type=int, default=10000, help="shuffle buffer of the shard loader")
     p.add_argument("--workers", type=int, default=16)
-    p.add_argument("--skip-compile", action="store_true", help="leave torch.compile out of 'ours'")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--sizes", type=int, nargs=2, default=[224, 96], metavar=("GLOBAL", "LOCAL"),
+                   help="synthetic view sizes (smaller ones only to check the script quickly)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/train_throughput.py measures a GPU; none is available")
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/train_throughput.py: no GPU is available (--device cpu checks the script)")
     torch.backends.cudnn.benchmark = True
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.arch}, batch {args.batch}, "
-          f"{args.views} x 224, {'shards ' + args.shards if args.shards else 'synthetic images'}")
-    reference_loss = ReferenceStyleGroCo(args.views, device="cuda")
-    ours_loss = GroCo(n_augs=args.views)
-    paths = {
-        "reference-style (fp16, NCHW)": (torch.float16, False, False, reference_loss),
-        "fp16, NCHW, our loss": (torch.float16, False, False, lambda z: ours_loss(z)[0]),
-        "bf16, channels_last, our loss": (torch.bfloat16, True, False, lambda z: ours_loss(z)[0]),
-    }
-    if not args.skip_compile:
-        paths["bf16, channels_last, compile, our loss"] = (torch.bfloat16, True, True, lambda z: ours_loss(z)[0])
-    for name, (dtype, channels_last, compile_model, loss_fn) in paths.items():
+    sizes = view_sizes(args.multicrop, *args.sizes)
+    name = (torch.cuda.get_device_name() if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads, float32 on every path")
+    print(f"{name}, torch {torch.__version__}, {args.arch}, batch {args.batch}, views {sizes}, "
+          f"{'shards ' + args.shards if args.shards else 'synthetic images'}")
+    for label, (dtype, channels_last, mode, loss_fn, data_on_gpu) in paths(args, device).items():
         net = build(args.arch, channels_last, device)
-        step = make_step(net, loss_fn, dtype, channels_last, compile_model)
-        on_gpu = not name.startswith("reference")  # ours decodes and augments on the GPU
-        batches = (shard_batches(args, args.views, device, on_gpu) if args.shards
-                   else synthetic(args.batch, args.views, device))
-        rate, memory = measure(step, batches, args.steps, args.warmup, args.batch)
-        step_ms = args.batch / rate * 1000
-        share = loss_ms(loss_fn, args.batch, args.views) / step_ms
-        print(f"{name:42s} {rate:8.0f} samples/s   peak {memory:5.1f} GiB   loss {share:5.1%} of the step")
-        del net, step
-        torch.cuda.empty_cache()
+        forward = torch.compile(net, mode=mode) if mode else net
+        compiled_loss = torch.compile(loss_fn, mode=mode) if mode else loss_fn
+        cuda_graphs = mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"
+        losses = {"step": compiled_loss}
+        if not args.shards:
+            losses["trivial"] = torch.compile(trivial_loss, mode=mode) if mode else trivial_loss
+        rates, memory = {}, None
+        for kind, fn in losses.items():
+            step = make_step(net, forward, fn, dtype, channels_last, cuda_graphs)
+            batches = (shard_batches(args, len(sizes), device, data_on_gpu) if args.shards
+                       else synthetic(args.batch, sizes, device))
+            rates[kind], mem = measure(step, batches, args.steps, args.warmup, args.batch, device)
+            memory = mem if kind == "step" else memory
+        share = f"loss {1 - rates['step'] / rates['trivial']:6.1%} of the step" if "trivial" in rates else ""
+        mem_text = f"peak {memory:5.1f} GiB" if memory is not None else "peak   n/a    "
+        print(f"{label:52s} {rates['step']:8.0f} samples/s   {mem_text}   {share}", flush=True)
+        del net, forward, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -716,6 +716,18 @@ def test_train_one_epoch_from_shards_with_gpu_augmentation(data, tmp_path):
     assert "knn@3_online" in results["final"]
 
 
+def test_train_throughput_bench_reads_real_shards(data):
+    """The bench's real-data mode: the reference-style path through the PIL recipe on a worker, ours
+    decoding and augmenting on the device (the CPU here), each printing its samples/s."""
+    done = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--device", "cpu", "--arch", "resnet18",
+                           "--batch", "12", "--steps", "1", "--warmup", "1", "--compile-mode", "--workers", "1",
+                           "--shards", data.pattern("train"), "--dataset-size", "24", "--shuffle", "8"],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if "samples/s" in line]
+    assert len(rows) == 3 and rows[0].startswith("reference-style") and "of the step" not in done.stdout
+
+
 def test_gpu_augmentation_loaders_yield_files_and_refuse_evaluation(data, tmp_path, capsys):
     loader = web(data.pattern("train"), 24, 8, 12, transform_type="dino", n_augs=2, augment_on="gpu")
     files, labels = next(iter(loader))

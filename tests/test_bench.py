@@ -1,0 +1,45 @@
+"""The benchmark scripts run (on the CPU, small) and compare like with like: the reference-style
+GroCo they time against ours computes the same loss. They print figures; nothing here times."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.bench_loss import ReferenceStyleGroCo
+from model.loss import GroCo
+
+from .conftest import ROOT
+
+
+def run_module(*argv: str) -> str:
+    done = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("n_views,n_pos", [(2, 2), (3, 3), (8, 2)])
+def test_reference_style_loss_equals_ours(n_views, n_pos):
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(32, 64, generator=gen)
+    views = [base + 0.5 * torch.randn(32, 64, generator=gen) for _ in range(n_views)]
+    ours, _ = GroCo(n_augs=n_views, n_pos_augs=n_pos)(views)
+    torch.testing.assert_close(ReferenceStyleGroCo(n_views, n_pos_augs=n_pos)(views), ours, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_loss_prints_both_timings():
+    out = run_module("bench.bench_loss", "--batch", "32", "--dim", "64", "--repeats", "2", "--device", "cpu")
+    assert re.search(r"batch +32: reference-style +[\d.]+ ms +ours +[\d.]+ ms +ratio [\d.]+", out), out
+
+
+def test_train_throughput_synthetic_multicrop():
+    """Every path prints samples/s and the loss's share of its step."""
+    out = run_module("bench.train_throughput", "--device", "cpu", "--arch", "resnet18", "--batch", "16",
+                     "--steps", "1", "--warmup", "1", "--multicrop", "--sizes", "32", "16", "--compile-mode")
+    assert "views [32, 32, 16, 16, 16, 16, 16, 16]" in out
+    rows = [line for line in out.splitlines() if "samples/s" in line]
+    assert [r.split("  ")[0] for r in rows] == ["reference-style (fp16, NCHW)", "fp16, NCHW, our loss",
+                                                 "bf16, channels_last, our loss"]
+    assert all(re.search(r"\d+ samples/s .* loss +-?[\d.]+% of the step", r) for r in rows), out
