@@ -2,8 +2,10 @@
 similarity matrix with gradient and diffsort's dense sorting network), forward + backward.
 
     python -m bench.bench_loss --batch 256 1024 --dim 2048 --views 2 --device cuda
+    python -m bench.bench_loss --batch 256 --views 8 --n-pos 2 --count-ops     # multi-crop, on the CPU
 
-Prints milliseconds per call for each; no pass/fail.
+Prints milliseconds per call for each (and with --count-ops the operators, i.e. GPU kernels, per
+call); no pass/fail.
 """
 
 from __future__ import annotations
@@ -72,6 +74,29 @@ def time_call(fn, views: list[torch.Tensor], repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+VIEW_OPS = {"aten::" + name for name in (
+    "slice", "as_strided", "view", "expand", "unsqueeze", "squeeze", "select", "t", "transpose", "permute", "alias",
+    "detach", "reshape", "_reshape_alias", "_unsafe_view", "flatten", "narrow", "unbind", "split", "chunk", "empty",
+    "empty_like", "empty_strided", "lift_fresh", "resolve_conj", "resolve_neg", "result_type", "to", "_to_copy",
+    "item", "_local_scalar_dense", "is_nonzero")}
+
+
+def count_ops(fn, views: list[torch.Tensor]) -> int:
+    """Operators that do work (a kernel each on a GPU) in one forward + backward: the leaves of the
+    profiler's operator tree, views and dtype/scalar conversions left out. A hardware-independent
+    measure of the launch overhead of an uncompiled loss."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(views).backward()
+
+    def works(event) -> bool:
+        return event.name.startswith("aten::") and event.name not in VIEW_OPS
+
+    return sum(1 for e in prof.events() if works(e) and not any(works(c) for c in e.cpu_children)
+               and not (e.cpu_parent is not None and e.cpu_parent.name == "aten::to"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[256, 1024])
@@ -81,9 +106,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", nargs="*", default=[], metavar="MODE",
                    help="also time torch.compile(GroCo) in these modes (default, reduce-overhead, ...)")
+    p.add_argument("--n-pos", type=int, help="global views (default: all; 2 for multi-crop)")
+    p.add_argument("--count-ops", action="store_true", help="also count the operators of one call")
     args = p.parse_args()
-    ours = GroCo(n_augs=args.views)
-    reference = ReferenceStyleGroCo(args.views, device=args.device)
+    ours = GroCo(n_augs=args.views, n_pos_augs=args.n_pos)
+    reference = ReferenceStyleGroCo(args.views, device=args.device, n_pos_augs=args.n_pos)
     print(f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, {args.views} views, dim {args.dim}, {torch.get_num_threads()} threads")
     for batch in args.batch:
@@ -94,6 +121,9 @@ def main() -> None:
         our_ms = time_call(lambda v: ours(v)[0], views, args.repeats)
         line = (f"batch {batch:5d}: reference-style {ref_ms:8.2f} ms   ours {our_ms:8.2f} ms   "
                 f"ratio {our_ms / ref_ms:.2f}")
+        if args.count_ops:
+            line += (f"   operators per call: reference-style {count_ops(reference, views)}, "
+                     f"ours {count_ops(lambda v: ours(v)[0], views)}")
         for mode in args.compile:
             compiled = torch.compile(ours, mode=mode)
             ms = time_call(lambda v, fn=compiled: fn(v)[0], views, args.repeats)

@@ -35,10 +35,34 @@ def _gather(z: torch.Tensor, distributed: bool, detach: bool) -> torch.Tensor:
     return gather(z.detach()) if detach else gather_with_grad(z)
 
 
+class _Normalize(torch.autograd.Function):
+    """`x / max(||x||, eps)` along the last dimension (`F.normalize`), with its backward written as one
+    expression, `(g - y <g, y>) / max(||x||, eps)`, instead of autograd's chain through the norm."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float):
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        scale = norm.clamp_min(eps)
+        y = x / scale
+        ctx.save_for_backward(y, scale, norm > eps)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, scale, unclamped = ctx.saved_tensors
+        along = (grad * y).sum(-1, keepdim=True) * unclamped  # a clamped norm is a constant scale
+        return torch.addcmul(grad, y, along, value=-1) / scale, None
+
+
+def normalize(x: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:
+    """Unit vectors along the last dimension, as `F.normalize(x, dim=-1, eps=eps)`."""
+    return _Normalize.apply(x, eps)
+
+
 class _SelectedSimilarity(torch.autograd.Function):
-    """`values[b, k]` = <anchor[b], candidates[index[b, k]]>, already computed without gradient; the
-    backward pass multiplies by the `[B, N]` matrix that holds the K gradients of each row, instead
-    of differentiating the whole similarity matrix or gathering `[B, K, D]` candidates."""
+    """`values[v, b, k]` = <anchor[v, b], candidates[v, index[v, b, k]]>, already computed without
+    gradient; the backward pass multiplies by the matrix that holds the K gradients of each row,
+    instead of differentiating the whole similarity matrix or gathering `[V, B, K, D]` candidates."""
 
     @staticmethod
     def forward(ctx, anchor: torch.Tensor, candidates: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
@@ -48,9 +72,23 @@ class _SelectedSimilarity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         anchor, candidates, index = ctx.saved_tensors
-        weights = selected_weights(grad, index, candidates.shape[0], sparse=_use_sparse(grad))
-        grad_anchor = _matmul(weights, candidates) if ctx.needs_input_grad[0] else None
-        grad_candidates = _matmul(weights.t(), anchor) if ctx.needs_input_grad[1] else None
+        views, batch, dim = anchor.shape
+        n_candidates = candidates.shape[1]
+        grad_anchor = grad_candidates = None
+        if _use_sparse(grad):
+            # the V blocks as one block-diagonal [V*B, V*N] sparse matrix
+            weights = selected_weights(grad.flatten(0, 1), _block_columns(index, n_candidates),
+                                       views * n_candidates, sparse=True)
+            if ctx.needs_input_grad[0]:
+                grad_anchor = torch.sparse.mm(weights, candidates.flatten(0, 1)).view(views, batch, dim)
+            if ctx.needs_input_grad[1]:
+                grad_candidates = torch.sparse.mm(weights.t(), anchor.flatten(0, 1)).view(views, n_candidates, dim)
+        else:
+            weights = grad.new_zeros(views, batch, n_candidates).scatter_(2, index, grad)  # [V, B, N]
+            if ctx.needs_input_grad[0]:
+                grad_anchor = torch.bmm(weights, candidates)
+            if ctx.needs_input_grad[1]:
+                grad_candidates = torch.bmm(weights.transpose(1, 2), anchor)
         return grad_anchor, grad_candidates, None, None
 
 
@@ -61,8 +99,14 @@ def _use_sparse(grad: torch.Tensor) -> bool:
     return grad.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def _block_columns(index: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """`[V, B, K]` column indices per block -> `[V*B, K]` columns of the block-diagonal matrix."""
+    shift = torch.arange(index.shape[0], device=index.device).view(-1, 1, 1) * n_candidates
+    return (index + shift).flatten(0, 1)
+
+
 def selected_weights(grad: torch.Tensor, index: torch.Tensor, n_candidates: int, sparse: bool) -> torch.Tensor:
-    """`[B, N]` matrix with `grad[b, k]` at column `index[b, k]` (the indices of a row are distinct)
+    """`[R, N]` matrix with `grad[r, k]` at column `index[r, k]` (the indices of a row are distinct)
     and zeros elsewhere; a sparse COO tensor when `sparse`."""
     if not sparse:
         return grad.new_zeros(grad.shape[0], n_candidates).scatter_(1, index, grad)
@@ -71,38 +115,37 @@ def selected_weights(grad: torch.Tensor, index: torch.Tensor, n_candidates: int,
                                    (index.shape[0], n_candidates), check_invariants=False)
 
 
-def _matmul(weights: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    return torch.sparse.mm(weights, dense) if weights.is_sparse else weights @ dense
-
-
 def hardest_negatives(anchor: torch.Tensor, candidates: torch.Tensor, offset: int, k: int) -> torch.Tensor:
-    """Cosine similarities of each anchor to its k most similar candidates, ascending.
+    """Cosine similarities of each anchor to its k most similar candidates of the same view, ascending.
 
-    The similarity matrix is computed once without gradient; the gradient reaches anchors and
+    The similarity matrices are computed once without gradient; the gradient reaches anchors and
     candidates through the k selected pairs only, which is what top-k over a differentiable matrix
     gives, at a fraction of its backward cost.
 
     Args:
-        anchor: `[B, D]` L2-normalised anchors.
-        candidates: `[N, D]` L2-normalised candidates; row `offset + b` is anchor b itself and
-            never counts as its negative.
+        anchor: `[V, B, D]` L2-normalised anchors, one block per view.
+        candidates: `[V, N, D]` L2-normalised candidates of each view; row `offset + b` is anchor b
+            itself and never counts as its negative.
         offset: index of the first local anchor among the candidates.
         k: number of negatives.
 
     Returns:
-        `[B, k]` similarities in ascending order.
+        `[V, B, k]` similarities in ascending order.
     """
-    batch = anchor.shape[0]
-    if candidates.shape[0] - 1 < k:
-        raise ValueError(f"topk_neg={k} needs a global batch of at least {k + 1}, got {candidates.shape[0]}")
+    batch = anchor.shape[1]
+    if candidates.shape[1] - 1 < k:
+        raise ValueError(f"topk_neg={k} needs a global batch of at least {k + 1}, got {candidates.shape[1]}")
     with torch.no_grad():
-        sim = anchor @ candidates.T  # [B, N]
+        if anchor.device.type == "cpu" and not torch.compiler.is_compiling():  # one matmul per view: faster there
+            sim = torch.stack([a @ c.T for a, c in zip(anchor, candidates)])  # [V, B, N]
+        else:
+            sim = torch.bmm(anchor, candidates.transpose(1, 2))  # [V, B, N]
         own = torch.arange(batch, device=anchor.device)
-        sim[own, own + offset] = -float("inf")
-        values, index = sim.topk(k, dim=1)
-    if candidates is anchor:  # one view, no stop-grad: torch.compile cannot trace one tensor given twice
+        sim[:, own, own + offset] = -float("inf")
+        values, index = sim.topk(k, dim=2)
+    if candidates is anchor:  # no stop-grad, one process: torch.compile cannot trace one tensor given twice
         candidates = anchor.view_as(anchor)
-    return _SelectedSimilarity.apply(anchor, candidates, index.flip(1), values.flip(1))
+    return _SelectedSimilarity.apply(anchor, candidates, index.flip(2), values.flip(2))
 
 
 def binary_cross_entropy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -113,56 +156,53 @@ def binary_cross_entropy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * log_p + (1 - target) * log_not_p).mean()
 
 
-def groco_anchor_loss(
-    anchor: torch.Tensor,
-    positives: list[torch.Tensor],
-    topk_neg: int,
-    steepness: float,
-    stop_grad: bool,
-    distributed: bool,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GroCo loss of one anchor view (SPEC 1, steps 1-7).
+def positive_similarities(z: torch.Tensor, n_pos: int, stop_grad: bool) -> list[torch.Tensor]:
+    """Cosine similarities of every view to its positives, ascending, in two groups of anchors:
+    the global views (`[P, B, P-1]`: the other global views) and the local ones (`[V-P, B, P]`:
+    every global view; absent when V = P).
 
     Args:
-        anchor: `[B, D]` L2-normalised projections of the anchor view (float32).
-        positives: the other global views, each `[B, D]` and L2-normalised.
-        topk_neg: K, the number of hardest negatives sorted with the positives.
-        steepness: s of the Cauchy relaxation.
-        stop_grad: detach the positives and the negatives.
-        distributed: take negatives from the global batch.
+        z: `[V, B, D]` L2-normalised views, the P global ones first.
+        n_pos: P.
+        stop_grad: detach the positives.
+    """
+    positives = z[:n_pos].detach() if stop_grad else z[:n_pos]
+    cos = torch.bmm(z.transpose(0, 1), positives.permute(1, 2, 0)).transpose(0, 1)  # [V, B, P]
+    # a global view is not its own positive: +inf sorts it last, where it is cut off
+    own = torch.eye(n_pos, dtype=torch.bool, device=z.device).unsqueeze(1)  # [P, 1, P]
+    groups = [cos[:n_pos].masked_fill(own, float("inf")).sort(dim=2).values[:, :, :-1]]
+    if z.shape[0] > n_pos:
+        groups.append(cos[n_pos:].sort(dim=2).values)
+    return groups
+
+
+def groco_group_loss(neg: torch.Tensor, pos: torch.Tensor, topk_neg: int, steepness: float) -> torch.Tensor:
+    """GroCo's sorting loss (SPEC 1, steps 5-7) averaged over a group of anchors with as many positives.
+
+    Args:
+        neg: `[A, B, K]` hardest-negative similarities, ascending.
+        pos: `[A, B, P']` positive similarities, ascending.
 
     Returns:
-        the loss (0-dim) and similarity statistics (0-dim, detached).
+        0-dim: the mean over the A anchor views of each one's loss.
     """
-    # cosine similarity = dot product of the unit vectors (each normalised once per view, by the caller)
-    pos = torch.stack([(anchor * (p.detach() if stop_grad else p)).sum(1) for p in positives], dim=1)  # [B, P']
-    pos, _ = torch.sort(pos, dim=1)
-    candidates = _gather(anchor, distributed, detach=stop_grad)
-    offset = get_rank() * anchor.shape[0] if distributed else 0
-    neg = hardest_negatives(anchor, candidates, offset, topk_neg)  # [B, K]
-
+    scores = torch.cat((neg, pos), dim=2).flatten(0, 1)  # [A*B, n]
     # Target: the identity order, every negative ranked below every positive.
-    below, above = relaxed_rank_mass(torch.cat((neg, pos), dim=1), topk_neg, steepness)  # [B, n] each
+    below, above = relaxed_rank_mass(scores, topk_neg, steepness)  # [A*B, n] each
     pred_neg, pred_pos = below.clamp(0, 1), above.clamp(0, 1)
-    n = pred_pos.shape[1]
-    target_pos = (torch.arange(n, device=pred_pos.device) >= topk_neg).float().expand_as(pred_pos)
-    loss = (binary_cross_entropy(pred_pos, target_pos) + binary_cross_entropy(pred_neg, 1 - target_pos)) / 2
-
-    with torch.no_grad():
-        info = {
-            "info_pos_max": pos[:, -1].mean(),
-            "info_pos_min": pos[:, 0].mean(),
-            "info_neg_max": neg[:, -1].mean(),
-            "info_neg_min": neg[:, 0].mean(),
-        }
-        info["info_pos_neg_dist"] = info["info_pos_min"] - info["info_neg_max"]
-    return loss, info
+    target_pos = (torch.arange(scores.shape[1], device=scores.device) >= topk_neg).float().expand_as(pred_pos)
+    return (binary_cross_entropy(pred_pos, target_pos) + binary_cross_entropy(pred_neg, 1 - target_pos)) / 2
 
 
 @LOSSES.register("GroCo")
 class GroCo(nn.Module):
     """Group Ordering Constraints loss (SPEC 1): the mean over anchor views of the sorting loss
     that ranks each anchor's K hardest negatives below its positives.
+
+    Every view is an anchor; its positives are the other global views (the first P); its negatives
+    are the K most similar other samples of the same view in the (global) batch. All anchor views
+    go through one similarity product, one top-k and one sorting network per group of anchors
+    with as many positives, so the kernel count does not grow with V.
 
     Args:
         distributed: negatives from the global batch (given by the program).
@@ -184,8 +224,9 @@ class GroCo(nn.Module):
     ):
         super().__init__()
         n_pos_augs = n_augs if n_pos_augs is None else n_pos_augs
-        if not 1 <= n_pos_augs <= n_augs or (n_augs == 1):
-            raise ValueError(f"loss.args: need 1 <= n_pos_augs <= n_augs and n_augs >= 2, got {n_pos_augs}, {n_augs}")
+        if not 2 <= n_pos_augs <= n_augs:
+            raise ValueError(f"loss.args: need 2 <= n_pos_augs <= n_augs, got n_pos_augs={n_pos_augs}, "
+                             f"n_augs={n_augs}")
         if topk_neg < 1:
             raise ValueError(f"loss.args.topk_neg must be at least 1, got {topk_neg}")
         self.distributed = distributed
@@ -196,18 +237,33 @@ class GroCo(nn.Module):
         self.stop_grad = stop_grad
 
     def forward(self, embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`embeddings`: V tensors `[B, D]` -> (loss, info of the first anchor)."""
+        """`embeddings`: V tensors `[B, D]` -> (loss, similarity statistics of the first view as anchor)."""
         with torch.autocast(embeddings[0].device.type, enabled=False):
-            z = [F.normalize(v, dim=1, eps=COSINE_EPS) for v in _float32(embeddings, self.n_augs, "GroCo")]
-            total, first_info = 0.0, {}
-            for a in range(self.n_augs):
-                positives = [z[p] for p in range(self.n_pos_augs) if p != a]
-                loss, info = groco_anchor_loss(
-                    z[a], positives, self.topk_neg, self.steepness, self.stop_grad, self.distributed
-                )
-                total = total + loss
-                first_info = first_info or info
-        return total / self.n_augs, first_info
+            z = torch.stack(_float32(embeddings, self.n_augs, "GroCo"))
+            z = normalize(z)  # [V, B, D]
+            if self.distributed:  # every view of the global batch, [V, W*B, D], rank-major within a view
+                candidates = _gather(z.transpose(0, 1), True, detach=self.stop_grad).transpose(0, 1)
+            else:
+                candidates = z.detach() if self.stop_grad else z
+            offset = get_rank() * z.shape[1] if self.distributed else 0
+            neg = hardest_negatives(z, candidates, offset, self.topk_neg)  # [V, B, K]
+            groups = positive_similarities(z, self.n_pos_augs, self.stop_grad)  # global anchors, local anchors
+            first = 0
+            total = 0.0
+            for pos in groups:
+                count = pos.shape[0]
+                total = total + count * groco_group_loss(neg[first : first + count], pos, self.topk_neg, self.steepness)
+                first += count
+            with torch.no_grad():
+                pos0, neg0 = groups[0][0], neg[0]
+                info = {
+                    "info_pos_max": pos0[:, -1].mean(),
+                    "info_pos_min": pos0[:, 0].mean(),
+                    "info_neg_max": neg0[:, -1].mean(),
+                    "info_neg_min": neg0[:, 0].mean(),
+                }
+                info["info_pos_neg_dist"] = info["info_pos_min"] - info["info_neg_max"]
+        return total / self.n_augs, info
 
 
 def _cross_entropy_with_masks(

@@ -30,8 +30,11 @@ def test_reference_style_loss_equals_ours(n_views, n_pos):
 
 
 def test_bench_loss_prints_both_timings():
-    out = run_module("bench.bench_loss", "--batch", "32", "--dim", "64", "--repeats", "2", "--device", "cpu")
+    out = run_module("bench.bench_loss", "--batch", "32", "--dim", "64", "--repeats", "2", "--device", "cpu",
+                     "--views", "4", "--n-pos", "2", "--count-ops")
     assert re.search(r"batch +32: reference-style +[\d.]+ ms +ours +[\d.]+ ms +ratio [\d.]+", out), out
+    counts = re.search(r"operators per call: reference-style (\d+), ours (\d+)", out)
+    assert counts and int(counts[2]) > 0 and int(counts[1]) > 0, out
 
 
 def test_train_throughput_synthetic_multicrop():

@@ -89,6 +89,8 @@ def test_groco_rejects_small_batch_and_wrong_view_count():
         GroCo(n_augs=2, topk_neg=10)(_views(2, batch=8))
     with pytest.raises(ValueError, match="expects 3 views"):
         GroCo(n_augs=3)(_views(2))
+    with pytest.raises(ValueError, match="need 2 <= n_pos_augs <= n_augs, got n_pos_augs=1"):
+        GroCo(n_augs=3, n_pos_augs=1)
 
 
 def test_relaxed_sort_equals_diffsort():
