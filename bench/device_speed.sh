@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# GPU figures for bench/RESULTS.md, run on a CUDA machine from the repository root (about 6 min):
-# the CUDA tests, the quickstart in float16 and bfloat16, the loss with and without torch.compile,
-# and the ResNet-50 training step, reference-style against ours. Wheels missing on that machine
-# (webdataset, braceexpand, diffsort) are carried in .whl/.
+# GPU figures for bench/RESULTS.md, run on a CUDA machine from the repository root. Sections (each
+# fits in one 10-minute call; `all` runs them in this order):
+#   tests      the CUDA tests (loss without host syncs, compiled loss = eager, CUDA-graph training,
+#              quickstart in fp16/bf16, decoding and augmentation on the GPU)            ~3 min
+#   loss       the loss alone, batch 256 and 1024, eager / compiled / CUDA graphs          ~2 min
+#   step       ResNet-50 step, 2 x 224, synthetic images: reference-style, compile default
+#              and reduce-overhead, each with the loss's share of the step                 ~5 min
+#   multicrop  the same for 2 x 224 + 6 x 96                                               ~5 min
+#   shards     end to end from synthetic JPEG shards: PIL workers vs augment_on gpu        ~5 min
+# Wheels missing on that machine (webdataset, braceexpand, diffsort, sacred, ...) are carried in .whl/.
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
@@ -13,17 +19,30 @@ fi
 export PYTHONUNBUFFERED=1
 date -u; nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-echo "== CUDA tests"
-timeout 90 python3 -m pytest -q tests/test_gpu.py tests/test_gpu_augment.py -p no:cacheprovider 2>&1 | tail -4
-for mp in true bf16; do
-  echo "== quickstart, trainer.mixed_precision=$mp"
-  SECONDS=0
-  timeout 90 python3 train.py --config configs/examples/quickstart.yaml --gpu 0 "trainer.mixed_precision=$mp" \
-    "save_dir=$OUT/runs" --results-json "$OUT/quickstart_$mp.json" > "$OUT/quickstart_$mp.log" 2>&1
-  echo "exit $? in ${SECONDS} s"
-  grep -a -o "knn@20_online=[0-9.]*" "$OUT/quickstart_$mp.log" | tr '\n' ' '; echo
+STEP="--batch 256 --steps 20 --warmup 8 --short --compile-mode default reduce-overhead"
+for section in "${@:-all}"; do
+  if [[ $section == tests || $section == all ]]; then
+    echo "== CUDA tests"
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_augment.py 2>&1 | tail -8
+  fi
+  if [[ $section == loss || $section == all ]]; then
+    echo "== loss, forward + backward"
+    timeout 150 python3 -m bench.bench_loss --batch 256 1024 --views 2 --device cuda --compile default reduce-overhead
+    timeout 100 python3 -m bench.bench_loss --batch 256 --views 8 --n-pos 2 --device cuda --compile reduce-overhead
+  fi
+  if [[ $section == step || $section == all ]]; then
+    echo "== training step, ResNet-50, 2 x 224, synthetic images"
+    timeout 330 python3 -m bench.train_throughput $STEP
+  fi
+  if [[ $section == multicrop || $section == all ]]; then
+    echo "== training step, ResNet-50, 2 x 224 + 6 x 96, synthetic images"
+    timeout 330 python3 -m bench.train_throughput $STEP --multicrop
+  fi
+  if [[ $section == shards || $section == all ]]; then
+    echo "== end to end from JPEG shards (synthetic 500 x 375 photos), 16 PIL workers vs augment_on gpu"
+    timeout 300 python3 -m bench.train_throughput --batch 256 --steps 15 --warmup 5 --short --compile-mode default \
+      --make-shards 4096 --workers 16
+    timeout 240 python3 -m bench.train_throughput --batch 256 --steps 10 --warmup 4 --short --compile-mode default \
+      --make-shards 2048 --workers 16 --multicrop
+  fi
 done
-echo "== loss, forward + backward"
-timeout 75 python3 -m bench.bench_loss --batch 256 1024 --dim 2048 --views 2 --device cuda --compile default reduce-overhead
-echo "== training step, ResNet-50, synthetic images"
-timeout 170 python3 -m bench.train_throughput --batch 256 --views 2 --steps 20 --warmup 8

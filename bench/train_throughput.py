@@ -7,6 +7,7 @@ on ResNet-50 with 2 x 224 views, or 2 x 224 + 6 x 96 with `--multicrop`.
     python -m bench.train_throughput --batch 256 --multicrop --compile-mode reduce-overhead
     python -m bench.train_throughput --shards 'data/train/imagenet-train-{000000..000639}.tar' \\
         --workers 16                                                              # real JPEG shards
+    python -m bench.train_throughput --make-shards 4096 --workers 16              # synthetic JPEG shards
 
 Prints, per path: samples/s, peak GPU memory and, with synthetic images, the loss's share of the
 step: the same step with a trivial loss (mean square of the embeddings) is timed too, and the share
@@ -20,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 
+from bench.bench_loader import make_shards
 from bench.bench_loss import ReferenceStyleGroCo
 from model.encoder import ResNetEncoder
 from model.loss import GroCo
@@ -152,6 +156,8 @@ def main() -> None:
                    help="torch.compile modes to time for ours (none: leave compile out)")
     p.add_argument("--short", action="store_true", help="only the reference-style path and the compiled ones")
     p.add_argument("--shards", help="JPEG shards (brace pattern): real-data mode")
+    p.add_argument("--make-shards", type=int, metavar="N",
+                   help="real-data mode on N synthetic ImageNet-sized JPEGs sharded into a temporary folder")
     p.add_argument("--dataset-size", type=int, default=1281167)
     p.add_argument("--shuffle", type=int, default=10000, help="shuffle buffer of the shard loader")
     p.add_argument("--workers", type=int, default=16)
@@ -159,6 +165,16 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs=2, default=[224, 96], metavar=("GLOBAL", "LOCAL"),
                    help="synthetic view sizes (smaller ones only to check the script quickly)")
     args = p.parse_args()
+    if args.make_shards:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.shards = make_shards(Path(tmp), args.make_shards, shard_size=256)
+            args.dataset_size = args.make_shards
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/train_throughput.py: no GPU is available (--device cpu checks the script)")
