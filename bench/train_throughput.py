@@ -13,7 +13,8 @@ Prints, per path: samples/s, peak GPU memory and, with synthetic images, the los
 step: the same step with a trivial loss (mean square of the embeddings) is timed too, and the share
 is 1 - t_trivial / t_step, so it counts the loss as it runs inside the step (compiled or not). In
 real-data mode the reference-style path reads through the PIL recipe on CPU workers and ours
-decodes and augments on the GPU (`augment_on: gpu`). No pass/fail. `--device cpu` runs the same
+decodes and augments on the GPU (`augment_on: gpu`), one batch ahead on a side stream as the
+trainer does. No pass/fail. `--device cpu` runs the same
 code on the CPU (float32, no compile unless asked), for checking the script itself.
 """
 
@@ -90,17 +91,24 @@ def shard_batches(args, n_views: int, device: torch.device, on_gpu: bool) -> Ite
     `on_gpu` the files decoded and augmented on the device (`augment_on: gpu`)."""
     from data_loader.base import LoaderRuntime, batch_generator
     from data_loader.gpu_augment import gpu_views
+    from data_loader.prefetch import Prefetcher
     from data_loader.webdata import WebLoader
 
     loader = WebLoader(LoaderRuntime(), args.shards, args.dataset_size, args.shuffle, args.batch,
                        num_workers=args.workers, train=True,
                        transform_type="dino_multicrop" if args.multicrop else "dino", n_augs=n_views,
                        augment_on="gpu" if on_gpu else "cpu")
-    for step, (batch, labels) in enumerate(itertools.chain.from_iterable(itertools.repeat(loader))):
-        if on_gpu:
-            yield gpu_views(batch, labels, loader.gpu_recipe, device, batch_generator(0, 0, step))[0]
-        else:
-            yield [v.to(device, non_blocking=True) for v in batch]
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    if not on_gpu:
+        for views, _ in batches:
+            yield [v.to(device, non_blocking=True) for v in views]
+        return
+
+    def prepare(batch, step: int) -> list[torch.Tensor]:
+        return gpu_views(*batch, loader.gpu_recipe, device, batch_generator(0, 0, step))[0]
+
+    with Prefetcher(batches, prepare, device) as prepared:  # as the trainer does: one batch ahead
+        yield from prepared
 
 
 def _sync(device: torch.device) -> None:
@@ -198,6 +206,7 @@ def run(args: argparse.Namespace) -> None:
             batches = (shard_batches(args, len(sizes), device, data_on_gpu) if args.shards
                        else synthetic(args.batch, sizes, device))
             rates[kind], mem = measure(step, batches, args.steps, args.warmup, args.batch, device)
+            batches.close()  # ends a prefetching thread
             memory = mem if kind == "step" else memory
         share = f"loss {1 - rates['step'] / rates['trivial']:6.1%} of the step" if "trivial" in rates else ""
         mem_text = f"peak {memory:5.1f} GiB" if memory is not None else "peak   n/a    "

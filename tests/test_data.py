@@ -709,11 +709,14 @@ def test_train_one_epoch_from_an_image_folder(data, tmp_path):
 
 def test_train_one_epoch_from_shards_with_gpu_augmentation(data, tmp_path):
     """`augment_on: gpu`: the loader hands over JPEG files, the trainer decodes and augments them on
-    the device (the CPU here, with the same code)."""
+    the device (the CPU here, with the same code), the next batch on a background thread. A second
+    run gives the same step losses: the views depend on the step, not on the thread's timing."""
     train, bank, val = shard_blocks(data, augment_on="gpu")
     results, steps = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "gpu_aug")
     assert [s["step"] for s in steps] == [0, 1] and all(np.isfinite(s["loss"]) for s in steps)
     assert "knn@3_online" in results["final"]
+    _, again = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "gpu_aug_again")
+    assert [s["loss"] for s in again] == [s["loss"] for s in steps]
 
 
 def test_train_throughput_bench_reads_real_shards(data):

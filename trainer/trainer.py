@@ -9,6 +9,7 @@ last good checkpoint stays. After each epoch: checkpoint, then the evaluators th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from data_loader.base import batch_generator
 from data_loader.gpu_augment import BatchDecodeError, gpu_views
+from data_loader.prefetch import Prefetcher
 from trainer.checkpoint import load_module_state, rng_state, save_checkpoint, set_rng_state, unwrap
 from trainer.precision import Precision
 from trainer.preemption import Preempted, StopSignal
@@ -187,27 +189,33 @@ class Trainer:
         pending: list[tuple] = []
         totals = {"loss": 0.0, "steps": 0}
         window_start = time.perf_counter()
-        for i, (views, labels) in enumerate(self.loader, start=first):
-            if self.loader.gpu_recipe is not None:
-                views = self._gpu_views(views, labels, epoch, i)
-            lr = self.schedule(self.step)
-            set_learning_rate(self.optimizer, lr)
-            loss, info, grad_norm = self.train_step(views)
-            pending.append((self.step, lr, _metrics_row(loss, grad_norm, info), list(info)))
-            self.step += 1
-            bar.update(global_batch)
-            stop = self.stop.requested()
-            if len(pending) >= self.settings.log_step or i == steps - 1 or stop:
-                rate = len(pending) * global_batch / (time.perf_counter() - window_start)
-                self._flush(pending, epoch, rate, totals, bar)
-                pending, window_start = [], time.perf_counter()
-            if stop and i < steps - 1:
-                bar.close()
-                self._save_preempted(epoch, i + 1)
+        with self._batches(epoch, first) as batches:
+            for i, views in enumerate(batches, start=first):
+                lr = self.schedule(self.step)
+                set_learning_rate(self.optimizer, lr)
+                loss, info, grad_norm = self.train_step(views)
+                pending.append((self.step, lr, _metrics_row(loss, grad_norm, info), list(info)))
+                self.step += 1
+                bar.update(global_batch)
+                stop = self.stop.requested()
+                if len(pending) >= self.settings.log_step or i == steps - 1 or stop:
+                    rate = len(pending) * global_batch / (time.perf_counter() - window_start)
+                    self._flush(pending, epoch, rate, totals, bar)
+                    pending, window_start = [], time.perf_counter()
+                if stop and i < steps - 1:
+                    bar.close()
+                    self._save_preempted(epoch, i + 1)
         bar.close()
         if totals["steps"] == 0:
             raise RuntimeError(f"epoch {epoch}: the training loader yielded no batch")
         return {"train_loss": totals["loss"] / totals["steps"], "lr": self.schedule(self.step - 1)}
+
+    def _batches(self, epoch: int, first: int) -> contextlib.AbstractContextManager:
+        """The epoch's views, from batch `first` on. With `augment_on: gpu` the next batch is decoded
+        and augmented on a background thread and CUDA stream while the current one trains."""
+        if self.loader.gpu_recipe is None:
+            return contextlib.nullcontext(views for views, _ in self.loader)
+        return Prefetcher(self.loader, lambda batch, j: self._gpu_views(*batch, epoch, first + j), self.proc.device)
 
     def train_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """One optimisation step on `views` (V tensors `[b, 3, H, W]`); returns loss, info, grad norm."""
