@@ -309,7 +309,7 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
     sat = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
     # the HSV -> RGB formula c_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, n = 5, 3, 1
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1), 6)
+    k = torch.remainder(to_device(torch.tensor([5.0, 3.0, 1.0]), x.device).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1), 6)
     ramp = torch.minimum(k, 4 - k).clamp(0, 1)
     return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * ramp)
 
@@ -325,14 +325,19 @@ def jitter_step(x: torch.Tensor, step: int, factor: torch.Tensor) -> torch.Tenso
     return shift_hue(x, factor)
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """torchvision's ColorJitter per sample: `[n, 3, H, W]`, factors `[n, 4]`, order `[n, 4]` (each
-    sample's permutation of the 4 steps) -> `[n, 3, H, W]`."""
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+                 applied: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision's ColorJitter per sample: `[n, 3, H, W]`, factors `[n, 4]` (on x's device),
+    order `[n, 4]` (each sample's permutation of the 4 steps, on the CPU), `applied` `[n]` bool on
+    the CPU (default all) -> `[n, 3, H, W]`. The samples of each step are found on the CPU, so
+    nothing waits for the GPU."""
+    applied = torch.ones(len(order), dtype=torch.bool) if applied is None else applied
     x = x.clone()
     for position in range(4):
         for step in range(4):
-            idx = (order[:, position] == step).nonzero()[:, 0]
+            idx = ((order[:, position] == step) & applied).nonzero()[:, 0]
             if len(idx):
+                idx = to_device(idx, x.device)
                 x[idx] = jitter_step(x[idx], step, factors[idx, step])
     return x
 
@@ -351,25 +356,32 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return flat.view(n, c, height, width)
 
 
-def _where_masked(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
-    """Apply `fn(x[mask], *args[mask])` to the samples of `mask` `[n]` only."""
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without waiting: through pinned memory, non-blocking, on CUDA."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
+    """`x[mask] = fn(x[mask], *(a[mask] for a in args))` in place, for `mask` `[n]` bool on the CPU
+    and `args` on the CPU (moved with the indices)."""
     idx = mask.nonzero()[:, 0]
     if len(idx) == 0:
         return x
-    x = x.clone()
-    x[idx] = fn(x[idx], *(a[idx] for a in args))
+    device_idx = to_device(idx, x.device)
+    x[device_idx] = fn(x[device_idx], *(to_device(a[idx], x.device) for a in args))
     return x
 
 
 def colour_view(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
     """The steps after the crop, in the recipes' order: jitter, grayscale, blur, solarisation;
-    `[n, 3, S, S]` in [0, 1] -> the same (params moved to x's device)."""
-    p = ViewParams(**{f.name: getattr(p, f.name).to(x.device) for f in dataclasses.fields(p)})
-    x = _where_masked(x, p.jitter, color_jitter, p.factors, p.order)
-    x = _where_masked(x, p.gray, lambda y: grayscale(y).expand_as(y))
-    x = _where_masked(x, p.blur, gaussian_blur, p.sigma)
+    `[n, 3, S, S]` in [0, 1] -> the same tensor, changed in place (`p` on the CPU)."""
+    x = color_jitter(x, to_device(p.factors, x.device), p.order, p.jitter)
+    x = _on_subset(x, p.gray, lambda y: grayscale(y).expand_as(y))
+    x = _on_subset(x, p.blur, gaussian_blur, p.sigma)
     # PIL inverts the uint8 pixels >= 128, i.e. the float pixels that round to 128 or more
-    return _where_masked(x, p.solarize, lambda y: torch.where(y >= 127.5 / 255, 1 - y, y))
+    return _on_subset(x, p.solarize, lambda y: torch.where(y >= 127.5 / 255, 1 - y, y))
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -401,11 +413,12 @@ class GpuRecipe:
         views = [torch.empty(len(images), 3, s.size, s.size, device=device) for s in self.specs]
         for group in canvas_groups(sizes, self.max_canvas_elements):
             canvas = pad_to_canvas([images[i] for i in group])
+            device_group = to_device(group, device)
             for view, spec, p in zip(views, self.specs, params):
-                boxes, flip = p.boxes[group].to(device), p.flip[group].to(device)
-                view[group.to(device)] = crop_resize(canvas, boxes, flip, spec.size, spec.bicubic)
-        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+                boxes, flip = to_device(p.boxes[group], device), to_device(p.flip[group], device)
+                view[device_group] = crop_resize(canvas, boxes, flip, spec.size, spec.bicubic)
+        mean = to_device(torch.tensor(MEAN).view(1, 3, 1, 1), device)
+        std = to_device(torch.tensor(STD).view(1, 3, 1, 1), device)
         return [(colour_view(v, p) - mean) / std for v, p in zip(views, params)]
 
     def __call__(self, images: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:

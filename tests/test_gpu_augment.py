@@ -293,3 +293,20 @@ def test_cuda_decode_of_a_mixed_batch():
         files.append(buffer.getvalue())
     for cpu, cuda in zip(ga.decode_batch(files, "cpu"), ga.decode_batch(files, "cuda")):
         assert cuda.is_cuda and cuda.shape == cpu.shape and (cuda.cpu().float() - cpu.float()).abs().mean() < 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_recipe_never_waits_for_the_gpu():
+    """The recipe's parameters and index sets are prepared on the CPU and copied without waiting,
+    so a prefetching thread keeps queueing work while the GPU trains."""
+    images = [smooth_image(375, 500, seed=i).cuda() for i in range(8)]
+    recipe = ga.GpuRecipe("dino_multicrop", 8)
+    recipe(images, torch.Generator().manual_seed(0))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        views = recipe(images, torch.Generator().manual_seed(1))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(v.is_cuda and torch.isfinite(v).all() for v in views)
