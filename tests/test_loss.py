@@ -5,7 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.loss import GroCo, NT_Xent, NT_XentAllCombinations, NT_XentWithMoreNegatives, selected_weights
+from model.loss import (
+    GroCo,
+    NT_Xent,
+    NT_XentAllCombinations,
+    NT_XentWithMoreNegatives,
+    selected_weights,
+    symmetric_products,
+)
 from model.sorting import relaxed_rank_mass, relaxed_sort, wiring
 
 
@@ -60,6 +67,25 @@ def test_groco_equals_spec_definition(n_views, n_pos, stop_grad):
     for g, r in zip(grads, ref_grads):
         assert g.abs().sum() > 0
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_groco_large_batch_equals_spec(stop_grad):
+    """From batch 512 on the CPU the view's similarities to itself are computed by blocks
+    (`symmetric_products`); the loss and gradients still equal the SPEC."""
+    views = _views(2, batch=530, dim=16)
+    ours = GroCo(n_augs=2, stop_grad=stop_grad)
+    loss, grads = _value_and_grads(lambda v: ours(v)[0], views)
+    ref_loss, ref_grads = _value_and_grads(lambda v: spec_groco(v, 2, 10, 1.0, stop_grad), views)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+
+
+def test_symmetric_products_equal_the_full_product():
+    x = torch.randn(1030, 24, dtype=torch.float64)
+    torch.testing.assert_close(symmetric_products(x), x @ x.T)
+    torch.testing.assert_close(symmetric_products(x[:3], blocks=4), x[:3] @ x[:3].T)
 
 
 def test_groco_other_steepness_and_k():
