@@ -93,8 +93,16 @@ def count_ops(fn, views: list[torch.Tensor]) -> int:
     def works(event) -> bool:
         return event.name.startswith("aten::") and event.name not in VIEW_OPS
 
+    def in_conversion(event) -> bool:  # a Python scalar wrapped as a tensor: no GPU kernel
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name in ("aten::to", "aten::_to_copy"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
     return sum(1 for e in prof.events() if works(e) and not any(works(c) for c in e.cpu_children)
-               and not (e.cpu_parent is not None and e.cpu_parent.name == "aten::to"))
+               and not in_conversion(e))
 
 
 def main() -> None:
