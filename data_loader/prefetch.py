@@ -61,6 +61,8 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._cuda = self.device.type == "cuda"
+        if self._cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._thread = threading.Thread(target=self._work, args=(iter(source), prepare), daemon=True,
                                         name="groco-prefetch")
         self._thread.start()
@@ -76,6 +78,8 @@ class Prefetcher:
         return False
 
     def _work(self, items: Iterator, prepare: Callable[[Any, int], Any]) -> None:
+        if self._cuda:  # a new thread starts on device 0, whatever the process's local rank
+            torch.cuda.set_device(self.device)
         stream = torch.cuda.Stream(self.device) if self._cuda else None
         context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         index = 0

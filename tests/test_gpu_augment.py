@@ -310,3 +310,23 @@ def test_cuda_recipe_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(v.is_cuda and torch.isfinite(v).all() for v in views)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefetched_cuda_views_equal_views_made_in_turn():
+    """The prefetcher's side stream and thread give the views the main thread would make."""
+    from data_loader.base import batch_generator
+    from data_loader.prefetch import Prefetcher
+
+    files = [[jpeg_bytes(smooth_image(375, 500, seed=10 * b + i)) for i in range(6)] for b in range(4)]
+    recipe = ga.GpuRecipe("dino", 2)
+
+    def prepare(batch, step):
+        return ga.gpu_views(batch, torch.arange(6), recipe, "cuda", batch_generator(0, 0, step))[0]
+
+    with Prefetcher(files, prepare, torch.device("cuda")) as batches:
+        prefetched = [[v.clone() for v in views] for views in batches]
+    for step, views in enumerate(prefetched):
+        for a, b in zip(views, prepare(files[step], step)):
+            assert torch.equal(a, b)
