@@ -7,8 +7,10 @@
 #   step       ResNet-50 step, 2 x 224, synthetic images: reference-style, compile default
 #              and reduce-overhead, each with the loss's share of the step                 ~5 min
 #   multicrop  the same for 2 x 224 + 6 x 96                                               ~5 min
-#   shards     end to end from synthetic JPEG shards: PIL workers vs augment_on gpu        ~5 min
-# Wheels missing on that machine (webdataset, braceexpand, diffsort, sacred, ...) are carried in .whl/.
+#   shards     GPU decode + augmentation alone, then end to end from synthetic JPEG shards:
+#              PIL workers vs augment_on gpu (prefetched)                                 ~7 min
+# Wheels missing on that machine (webdataset, braceexpand, diffsort, sacred, ...) are carried in .whl/
+# (git-ignored: pass it in the device call's carry list).
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
@@ -39,6 +41,8 @@ for section in "${@:-all}"; do
     timeout 330 python3 -m bench.train_throughput $STEP --multicrop
   fi
   if [[ $section == shards || $section == all ]]; then
+    echo "== GPU decode + augmentation alone, batch 512 (PIL baseline skipped: measured before)"
+    timeout 120 python3 -m bench.bench_gpu_augment --device cuda --workers 0 --batches 5
     echo "== end to end from JPEG shards (synthetic 500 x 375 photos), 16 PIL workers vs augment_on gpu"
     timeout 300 python3 -m bench.train_throughput --batch 256 --steps 15 --warmup 5 --short --compile-mode default \
       --make-shards 4096 --workers 16
