@@ -731,6 +731,49 @@ def test_train_throughput_bench_reads_real_shards(data):
     assert len(rows) == 3 and rows[0].startswith("reference-style") and "of the step" not in done.stdout
 
 
+def test_sigterm_while_prefetching_saves_and_resumes_exactly(data, tmp_path):
+    """augment_on gpu prepares the next batch on a thread: a SIGTERM still stops the run after the
+    step, saves and exits 0 (the thread ends), and resuming ends with an uninterrupted run's weights."""
+    import signal
+    import time
+
+    import train
+    from trainer.checkpoint import load_checkpoint
+
+    train_block, bank, val = shard_blocks(data, augment_on="gpu")
+    config = small_config(train_block, bank, val, tmp_path)
+    config.update(evaluator=None, valid_dataloader=None)
+    config["trainer"].update(epochs=5, init_val=False)
+    path = tmp_path / "prefetch.yaml"
+    path.write_text(json.dumps(config))
+    root = Path(__file__).parents[1]
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path), "--device", "cpu",
+                             f"save_dir={interrupted}"], cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    run, deadline = None, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = list((interrupted / "models" / "prefetch").glob("*/metrics.jsonl"))
+        if found and sum('"loss"' in line for line in open(found[0])) >= 3:  # inside epoch 1
+            run = found[0].parent
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    err = proc.communicate(timeout=300)[1]
+    assert run is not None and proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err
+    assert load_checkpoint(run / "latest_model.pth")["step"] < 10
+
+    assert train.main(["--resume", str(run / "latest_model.pth"), "--device", "cpu"]) == 0
+    assert train.main(["--config", str(path), "--device", "cpu", f"save_dir={tmp_path / 'straight'}"]) == 0
+    straight = next((tmp_path / "straight" / "models" / "prefetch").iterdir())
+    a, b = load_checkpoint(run / "latest_model.pth"), load_checkpoint(straight / "latest_model.pth")
+    assert a["step"] == b["step"] == 10
+    for part in ("encoder", "projection"):
+        for name, value in a[part].items():
+            assert torch.equal(value, b[part][name]), f"{part}.{name} differs"
+
+
 def test_gpu_augmentation_loaders_yield_files_and_refuse_evaluation(data, tmp_path, capsys):
     loader = web(data.pattern("train"), 24, 8, 12, transform_type="dino", n_augs=2, augment_on="gpu")
     files, labels = next(iter(loader))
