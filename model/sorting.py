@@ -57,10 +57,11 @@ def _layers(scores: torch.Tensor, steepness: float):
     """Run the network on `scores` `[B, n]`; yields (partner `[n]`, mixing weight `[B, n]`, output `[B, n]`)
     per layer, where the layer maps any `u` to `u + weight * (u[:, partner] - u)`."""
     partner, sign = wiring(scores.shape[1], scores.device, scores.dtype)
+    slope = sign * steepness  # [n_layers, n]
     x = scores
     for layer in range(partner.shape[0]):
         d = x[:, partner[layer]] - x
-        turn = torch.atan(d * (sign[layer] * steepness))
+        turn = torch.atan(d * slope[layer])
         weight = turn.mul(1 / math.pi).add_(0.5)  # 1 - alpha of the wire's comparator
         x = torch.addcmul(x, weight, d)
         yield partner[layer], weight, x
