@@ -34,6 +34,7 @@ from bench.bench_loss import ReferenceStyleGroCo
 from model.encoder import ResNetEncoder
 from model.loss import GroCo
 from model.projection import MLPProjection, SSLModel
+from utils.schema import CUDA_GRAPH_MODES
 
 N_LOCAL = 6
 
@@ -132,9 +133,8 @@ def measure(step: Callable, batches: Iterator, steps: int, warmup: int, batch: i
     return rate, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
-def paths(args, device: torch.device) -> dict[str, tuple]:
+def paths(args, n_views: int, device: torch.device) -> dict[str, tuple]:
     """name -> (autocast dtype, channels_last, compile mode or None, loss, data on the GPU)."""
-    n_views = len(view_sizes(args.multicrop))
     n_pos = 2 if args.multicrop else n_views
     reference = ReferenceStyleGroCo(n_views, device=device.type, n_pos_augs=n_pos)
     groco = GroCo(n_augs=n_views, n_pos_augs=n_pos)
@@ -192,22 +192,22 @@ def run(args: argparse.Namespace) -> None:
             else f"CPU, {torch.get_num_threads()} threads, float32 on every path")
     print(f"{name}, torch {torch.__version__}, {args.arch}, batch {args.batch}, views {sizes}, "
           f"{'shards ' + args.shards if args.shards else 'synthetic images'}")
-    for label, (dtype, channels_last, mode, loss_fn, data_on_gpu) in paths(args, device).items():
+    for label, (dtype, channels_last, mode, loss_fn, data_on_gpu) in paths(args, len(sizes), device).items():
         net = build(args.arch, channels_last, device)
         forward = torch.compile(net, mode=mode) if mode else net
         compiled_loss = torch.compile(loss_fn, mode=mode) if mode else loss_fn
-        cuda_graphs = mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"
+        cuda_graphs = mode in CUDA_GRAPH_MODES and device.type == "cuda"
         losses = {"step": compiled_loss}
         if not args.shards:
             losses["trivial"] = torch.compile(trivial_loss, mode=mode) if mode else trivial_loss
-        rates, memory = {}, None
+        rates, memories = {}, {}
         for kind, fn in losses.items():
             step = make_step(net, forward, fn, dtype, channels_last, cuda_graphs)
             batches = (shard_batches(args, len(sizes), device, data_on_gpu) if args.shards
                        else synthetic(args.batch, sizes, device))
-            rates[kind], mem = measure(step, batches, args.steps, args.warmup, args.batch, device)
+            rates[kind], memories[kind] = measure(step, batches, args.steps, args.warmup, args.batch, device)
             batches.close()  # ends a prefetching thread
-            memory = mem if kind == "step" else memory
+        memory = memories["step"]
         share = f"loss {1 - rates['step'] / rates['trivial']:6.1%} of the step" if "trivial" in rates else ""
         mem_text = f"peak {memory:5.1f} GiB" if memory is not None else "peak   n/a    "
         print(f"{label:52s} {rates['step']:8.0f} samples/s   {mem_text}   {share}", flush=True)

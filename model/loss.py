@@ -75,7 +75,7 @@ class _SelectedSimilarity(torch.autograd.Function):
         views, batch, dim = anchor.shape
         n_candidates = candidates.shape[1]
         grad_anchor = grad_candidates = None
-        if _use_sparse(grad):
+        if _cpu_eager(grad):  # sparse products; dense ones would cost as much as the similarities
             # the V blocks as one block-diagonal [V*B, V*N] sparse matrix
             weights = selected_weights(grad.flatten(0, 1), _block_columns(index, n_candidates),
                                        views * n_candidates, sparse=True)
@@ -83,8 +83,8 @@ class _SelectedSimilarity(torch.autograd.Function):
                 grad_anchor = torch.sparse.mm(weights, candidates.flatten(0, 1)).view(views, batch, dim)
             if ctx.needs_input_grad[1]:
                 grad_candidates = torch.sparse.mm(weights.t(), anchor.flatten(0, 1)).view(views, n_candidates, dim)
-        else:
-            weights = grad.new_zeros(views, batch, n_candidates).scatter_(2, index, grad)  # [V, B, N]
+        else:  # dense: one cheap kernel each on a GPU, no index sorting, traceable into a CUDA graph
+            weights = selected_weights(grad, index, n_candidates, sparse=False)  # [V, B, N]
             if ctx.needs_input_grad[0]:
                 grad_anchor = torch.bmm(weights, candidates)
             if ctx.needs_input_grad[1]:
@@ -92,11 +92,10 @@ class _SelectedSimilarity(torch.autograd.Function):
         return grad_anchor, grad_candidates, None, None
 
 
-def _use_sparse(grad: torch.Tensor) -> bool:
-    """Sparse products on the CPU, where the dense `[B, N] x [N, D]` products would cost as much as
-    the similarities; dense on a GPU and under torch.compile, where they are one cheap kernel each
-    (no index sorting, and traceable into a CUDA graph)."""
-    return grad.device.type == "cpu" and not torch.compiler.is_compiling()
+def _cpu_eager(t: torch.Tensor) -> bool:
+    """`t` is on the CPU and this runs outside torch.compile: where the CPU-only shortcuts apply
+    (sparse products, per-view matrix products), which a GPU or a compiled graph does not want."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _block_columns(index: torch.Tensor, n_candidates: int) -> torch.Tensor:
@@ -106,10 +105,10 @@ def _block_columns(index: torch.Tensor, n_candidates: int) -> torch.Tensor:
 
 
 def selected_weights(grad: torch.Tensor, index: torch.Tensor, n_candidates: int, sparse: bool) -> torch.Tensor:
-    """`[R, N]` matrix with `grad[r, k]` at column `index[r, k]` (the indices of a row are distinct)
-    and zeros elsewhere; a sparse COO tensor when `sparse`."""
+    """`[..., R, N]` matrix with `grad[..., r, k]` at column `index[..., r, k]` (the indices of a row
+    are distinct) and zeros elsewhere; a sparse COO tensor (2-D only) when `sparse`."""
     if not sparse:
-        return grad.new_zeros(grad.shape[0], n_candidates).scatter_(1, index, grad)
+        return grad.new_zeros(*grad.shape[:-1], n_candidates).scatter_(-1, index, grad)
     rows = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
     return torch.sparse_coo_tensor(torch.stack((rows, index.flatten())), grad.flatten(),
                                    (index.shape[0], n_candidates), check_invariants=False)
@@ -154,7 +153,7 @@ def hardest_negatives(anchor: torch.Tensor, candidates: torch.Tensor, offset: in
     if candidates.shape[1] - 1 < k:
         raise ValueError(f"topk_neg={k} needs a global batch of at least {k + 1}, got {candidates.shape[1]}")
     with torch.no_grad():
-        if anchor.device.type == "cpu" and not torch.compiler.is_compiling():  # per view: faster there
+        if _cpu_eager(anchor):  # one product per view: faster there
             same = (candidates.shape == anchor.shape and candidates.data_ptr() == anchor.data_ptr()
                     and anchor.shape[1] >= 512)  # smaller blocks gain nothing
             sim = torch.stack([symmetric_products(a) if same else a @ c.T for a, c in zip(anchor, candidates)])

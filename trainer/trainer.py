@@ -29,7 +29,7 @@ from trainer.preemption import Preempted, StopSignal
 from trainer.run_dir import RunDir
 from utils.dist import ProcessInfo, all_reduce_sum
 from utils.optim import cosine_with_warmup, set_learning_rate
-from utils.schema import TrainerSettings
+from utils.schema import CUDA_GRAPH_MODES, TrainerSettings
 from utils.tracking import Tracker, epoch_summary
 
 log = logging.getLogger("groco")
@@ -85,7 +85,7 @@ class Trainer:
         self.compute_loss = torch.compile(loss_fn, mode=mode) if mode else loss_fn
         # CUDA graphs replay into the same output buffers: each step is marked, and what is kept
         # across steps is copied out (`_metrics_row`)
-        self.cuda_graphs = mode in ("reduce-overhead", "max-autotune") and proc.device.type == "cuda"
+        self.cuda_graphs = mode in CUDA_GRAPH_MODES and proc.device.type == "cuda"
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.start_epoch = 0
         self.start_step = 0  # batches of start_epoch already done (a run preempted mid-epoch)

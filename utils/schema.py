@@ -24,6 +24,10 @@ LoaderBlock = Annotated[dict, Block(DATALOADERS)]
 EvaluatorBlock = Annotated[dict, Block(EVALUATORS)]
 
 
+# torch.compile modes that replay the compiled code as CUDA graphs
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 @dataclasses.dataclass
 class TrainerSettings:
     """The `trainer` block.
