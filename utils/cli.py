@@ -18,7 +18,7 @@ from trainer.checkpoint import CheckpointError, find_latest_checkpoint, load_che
 from trainer.preemption import Preempted, requeue_under_slurm
 from trainer.trainer import NonFiniteLossError
 from utils.config import ConfigError, apply_overrides, deep_merge, load_config, read_yaml
-from utils.dist import LaunchError, init_process, launch_env
+from utils.dist import LaunchError, init_process, launch_env, shutdown
 from utils.logging import setup_logging
 from utils.schema import validate
 from utils.tracking import check_neptune
@@ -127,12 +127,15 @@ def run_entry(description: str, job: Callable, argv: Optional[list[str]], traini
         setup_logging(proc.rank)
         if proc.device.type == "cpu":
             log.info("running on the CPU%s", " (no CUDA device found)" if args.device == "cuda" else "")
-        return job(args, config, exp, checkpoint, proc)
+        code = job(args, config, exp, checkpoint, proc)
+        shutdown()
+        return code
     except (ConfigError, CheckpointError, LaunchError) as err:
         log.error("%s", err)
         return 2
     except Preempted as err:
         log.warning("%s", err)
+        shutdown()
         requeue_under_slurm(err.signum)
         return 0
     except NonFiniteLossError as err:

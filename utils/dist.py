@@ -158,3 +158,13 @@ def any_process(flag: bool) -> bool:
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the process groups of a run that ended normally. Left to the interpreter's exit, gloo's
+    threads may be torn down while a peer closes its connections, and the process aborts
+    ('terminate called without an active exception') after a finished run."""
+    global _control_group
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _control_group = None
