@@ -50,7 +50,8 @@ GPU_RECIPES = ("linear_prob", "simclr", "dino", "dino_multicrop")
 RATIO = (3 / 4, 4 / 3)
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 BLUR_RADIUS = 6  # 3 sigma at the largest sigma (2): 13 taps
-MAX_CANVAS_ELEMENTS = 2**28  # float32 pixels of one padded group of decoded images (1 GiB)
+MAX_CANVAS_ELEMENTS = 2**28  # pixels of one padded group of decoded images (512 MiB in float16)
+WINDOW_FRACTION = 0.5  # crop_window: resize from a window of the canvas when it is at most this part
 
 
 class BatchDecodeError(UndecodableImageError):
@@ -236,36 +237,93 @@ def _filter(x: torch.Tensor, bicubic: bool) -> torch.Tensor:
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def resize_matrix(start: torch.Tensor, length: torch.Tensor, size: int, extent: int, bicubic: bool) -> torch.Tensor:
-    """Per-sample 1-D resampling matrices `[B, size, extent]`: row o maps the pixels
-    [start, start + length) of an axis of `extent` pixels to output pixel o, as PIL's resize with a
-    box does (the filter stretched by the downscaling factor, weights normalised inside the box)."""
+def resize_taps(start: torch.Tensor, length: torch.Tensor, size: int, bicubic: bool,
+                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL's resampling along one axis, as taps: row o of a crop [start, start + length) is
+    `sum_t weight[b, o, t] * pixel[index[b, o, t]]`, with the filter stretched by the downscaling
+    factor (antialiased) and the weights normalised inside the crop. start, length `[B]` int64 on
+    the CPU -> index `[B, size, T]` int64, weight `[B, size, T]` float32, both on `device`; taps
+    outside the crop have weight 0. T comes from the CPU lengths, so nothing waits for the device."""
+    support = (2.0 if bicubic else 1.0) * max(float(length.max()) / size, 1.0)
+    taps = math.ceil(2 * support) + 2
+    start, length = to_device(start, device), to_device(length, device)
     step = (length.float() / size)[:, None, None]  # [B, 1, 1] input pixels per output pixel
-    centre = (torch.arange(size, dtype=torch.float32, device=start.device)[None, :, None] + 0.5) * step
-    pos = torch.arange(extent, dtype=torch.float32, device=start.device)[None, None, :] - start[:, None, None]
-    weights = _filter((pos + 0.5 - centre) / step.clamp(min=1.0), bicubic)
-    weights = weights * ((pos >= 0) & (pos < length[:, None, None]))
-    return weights / weights.sum(-1, keepdim=True)
+    centre = (torch.arange(size, dtype=torch.float32, device=device)[None, :, None] + 0.5) * step
+    stretch = step.clamp(min=1.0)
+    first = torch.floor(centre - (2.0 if bicubic else 1.0) * stretch - 0.5)  # [B, size, 1]
+    pos = first + torch.arange(taps, dtype=torch.float32, device=device)  # [B, size, T], relative to start
+    weight = _filter((pos + 0.5 - centre) / stretch, bicubic) * ((pos >= 0) & (pos < length[:, None, None]))
+    weight = weight / weight.sum(-1, keepdim=True)
+    index = pos.long() + start[:, None, None]
+    return index, weight
+
+
+def resize_matrix(start: torch.Tensor, length: torch.Tensor, size: int, extent: int, bicubic: bool,
+                  flip: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-sample 1-D resampling matrices `[B, size, extent]` (`dtype`, on `device`): row o maps the
+    pixels [start, start + length) of an axis of `extent` pixels to output pixel o, as PIL's resize
+    with a box does (`resize_taps`), the rows reversed where `flip` `[B]`. start, length, flip on
+    the CPU. Only the taps are computed; they are scattered into zeros."""
+    index, weight = resize_taps(start, length, size, bicubic, device)
+    if flip is not None:
+        flip = to_device(flip, device)[:, None, None]
+        index, weight = torch.where(flip, index.flip(1), index), torch.where(flip, weight.flip(1), weight)
+    matrix = torch.zeros(len(start), size, extent, dtype=dtype, device=device)
+    return matrix.scatter_add_(2, index.clamp(0, extent - 1), weight.to(dtype))  # clamped taps add 0
+
+
+def crop_window(canvas: torch.Tensor, boxes: torch.Tensor, fraction: float = WINDOW_FRACTION
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the part of `canvas` `[n, Hc, 3, Wc]` that every crop `boxes` `[n, 4]` (CPU) fits in, when
+    it is at most `fraction` of the canvas (a small crop then costs the resize little): a window of
+    the largest crop height and width, placed per image over its crop -> (window `[n, h, 3, w]`, the
+    boxes relative to it). Otherwise the canvas and the boxes as they are."""
+    n, height, _, width = canvas.shape
+    span_h, span_w = int(boxes[:, 2].max()), int(boxes[:, 3].max())
+    if span_h * span_w > fraction * height * width:
+        return canvas, boxes
+    top = boxes[:, 0].clamp(max=height - span_h)
+    left = boxes[:, 1].clamp(max=width - span_w)
+    rows = to_device(top[:, None] + torch.arange(span_h), canvas.device)
+    cols = to_device(left[:, None] + torch.arange(span_w), canvas.device)
+    window = canvas.gather(1, rows[:, :, None, None].expand(n, span_h, 3, width))
+    window = window.gather(3, cols[:, None, None, :].expand(n, span_h, 3, span_w))
+    return window, boxes - torch.stack([top, left, torch.zeros_like(top), torch.zeros_like(top)], 1)
 
 
 def crop_resize(canvas: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
                 bicubic: bool) -> torch.Tensor:
-    """Crop `boxes` `[B, 4]` (top, left, h, w) of the images `canvas` `[B, 3, Hc, Wc]` (each in its
-    top-left corner, padded) and resize to `[B, 3, size, size]`, mirrored where `flip` `[B]`."""
-    rows = resize_matrix(boxes[:, 0], boxes[:, 2], size, canvas.shape[-2], bicubic)
-    cols = resize_matrix(boxes[:, 1], boxes[:, 3], size, canvas.shape[-1], bicubic)
-    cols = torch.where(flip[:, None, None], cols.flip(1), cols)
-    out = rows[:, None] @ (canvas @ cols.transpose(1, 2)[:, None])
-    return out.clamp(0, 1)
+    """Crop `boxes` `[n, 4]` (top, left, h, w; CPU) of the images on `canvas` `[n, Hc, 3, Wc]` (pixel
+    values 0-255, each image in the top-left corner, padded; see `pad_to_canvas`) and resize them to
+    float32 `[n, 3, size, size]` in [0, 1], mirrored where `flip` `[n]` (CPU).
+
+    Two batched matrix products in the canvas's dtype, `rows @ image @ cols^T` per sample and
+    channel; the canvas keeps the channels between rows and columns so that neither product needs a
+    copy, and the product that shrinks the longer axis goes first."""
+    canvas, boxes = crop_window(canvas, boxes)
+    n, height, _, width = canvas.shape
+    device, dtype = canvas.device, canvas.dtype
+    rows = resize_matrix(boxes[:, 0], boxes[:, 2], size, height, bicubic, device=device, dtype=dtype)
+    cols = resize_matrix(boxes[:, 1], boxes[:, 3], size, width, bicubic, flip, device=device, dtype=dtype)
+    if height >= width:  # rows first: [n, S, H] @ [n, H, 3W] -> [n, S, 3W] = [n, 3S, W]
+        out = (rows @ canvas.view(n, height, 3 * width)).view(n, 3 * size, width) @ cols.transpose(1, 2)
+    else:  # columns first: [n, 3H, W] @ [n, W, S] -> [n, 3H, S] = [n, H, 3S]
+        out = rows @ (canvas.view(n, 3 * height, width) @ cols.transpose(1, 2)).view(n, height, 3 * size)
+    out = out.view(n, size, 3, size).permute(0, 2, 1, 3).float()  # [n, S, 3, S] -> [n, 3, S, S]
+    return out.mul_(1 / 255).clamp_(0, 1)
 
 
 def canvas_groups(sizes: torch.Tensor, max_elements: int) -> list[torch.Tensor]:
-    """Split B images of sizes `[B, 2]` into index groups whose padded float canvas
-    (n x 3 x max H x max W) stays under `max_elements`, images of similar area together."""
+    """Split B images of sizes `[B, 2]` into index groups to pad together: landscape and portrait
+    images apart (a 375 x 500 and a 500 x 375 image would pad to 500 x 500), and by area within
+    each, so that a group's padded canvas (n x 3 x max H x max W) stays under `max_elements`."""
     groups, current, max_h, max_w = [], [], 0, 0
-    for i in torch.argsort(sizes[:, 0] * sizes[:, 1]).tolist():
+    area, portrait = sizes.prod(1), sizes[:, 0] > sizes[:, 1]
+    for i in torch.argsort(area + portrait * (area.max() + 1)).tolist():
         h, w = max(max_h, int(sizes[i, 0])), max(max_w, int(sizes[i, 1]))
-        if current and (len(current) + 1) * 3 * h * w > max_elements:
+        turns = bool(current) and bool(portrait[i]) != bool(portrait[current[-1]])
+        if current and (turns or (len(current) + 1) * 3 * h * w > max_elements):
             groups.append(torch.tensor(current))
             current, h, w = [], int(sizes[i, 0]), int(sizes[i, 1])
         current.append(i)
@@ -274,13 +332,14 @@ def canvas_groups(sizes: torch.Tensor, max_elements: int) -> list[torch.Tensor]:
     return groups
 
 
-def pad_to_canvas(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """uint8 images `[3, H_i, W_i]` -> float `[n, 3, max H, max W]` in [0, 1], zero-padded."""
+def pad_to_canvas(images: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images `[3, H_i, W_i]` -> `[n, max H, 3, max W]` of `dtype` (pixel values 0-255, exact in
+    float16 too), each in the top-left corner, zero-padded: the layout `crop_resize` multiplies."""
     height, width = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
-    canvas = images[0].new_zeros(len(images), 3, height, width, dtype=torch.float32)
+    canvas = images[0].new_zeros(len(images), height, 3, width, dtype=dtype)
     for i, image in enumerate(images):
-        canvas[i, :, : image.shape[1], : image.shape[2]] = image
-    return canvas.div_(255)
+        canvas[i, : image.shape[1], :, : image.shape[2]] = image.transpose(0, 1)
+    return canvas
 
 
 # ----------------------------------------------------------------------------- colour
@@ -392,12 +451,16 @@ class GpuRecipe:
 
     `recipe(images, generator)`: B uint8 images `[3, H_i, W_i]` (one device) and a CPU generator ->
     n_augs float32 tensors `[B, 3, S, S]` normalised with the ImageNet mean and std (S = 224, or 96
-    for the local views of `dino_multicrop`).
+    for the local views of `dino_multicrop`). The crops are resized in `resize_dtype`: by default
+    float16 on CUDA (tensor cores; the 0-255 pixels are exact, the result within about 0.1 grey
+    level of float32) and float32 elsewhere.
     """
 
-    def __init__(self, transform_type: str, n_augs: int, max_canvas_elements: int = MAX_CANVAS_ELEMENTS):
+    def __init__(self, transform_type: str, n_augs: int, max_canvas_elements: int = MAX_CANVAS_ELEMENTS,
+                 resize_dtype: torch.dtype | None = None):
         self.specs = view_specs(transform_type, n_augs)
         self.max_canvas_elements = max_canvas_elements
+        self.resize_dtype = resize_dtype
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -409,14 +472,14 @@ class GpuRecipe:
     def apply(self, images: Sequence[torch.Tensor], params: Sequence[ViewParams]) -> list[torch.Tensor]:
         """Make the views with the given parameters: B x `[3, H_i, W_i]` uint8 -> n_augs x `[B, 3, S, S]`."""
         device = images[0].device
+        dtype = self.resize_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         sizes = torch.tensor([im.shape[1:] for im in images])
         views = [torch.empty(len(images), 3, s.size, s.size, device=device) for s in self.specs]
         for group in canvas_groups(sizes, self.max_canvas_elements):
-            canvas = pad_to_canvas([images[i] for i in group])
+            canvas = pad_to_canvas([images[i] for i in group], dtype)
             device_group = to_device(group, device)
             for view, spec, p in zip(views, self.specs, params):
-                boxes, flip = to_device(p.boxes[group], device), to_device(p.flip[group], device)
-                view[device_group] = crop_resize(canvas, boxes, flip, spec.size, spec.bicubic)
+                view[device_group] = crop_resize(canvas, p.boxes[group], p.flip[group], spec.size, spec.bicubic)
         mean = to_device(torch.tensor(MEAN).view(1, 3, 1, 1), device)
         std = to_device(torch.tensor(STD).view(1, 3, 1, 1), device)
         return [(colour_view(v, p) - mean) / std for v, p in zip(views, params)]

@@ -130,20 +130,49 @@ def test_unknown_recipes_and_view_counts_are_errors(transform_type, n_augs):
 # ----------------------------------------------------------------------------- the steps' arithmetic
 
 
-@pytest.mark.parametrize("bicubic", [True, False])
-@pytest.mark.parametrize("box,size", [((20, 30, 300, 400), 224), ((5, 7, 60, 50), 96), ((0, 0, 375, 500), 96)])
-def test_crop_resize_equals_pil(box, size, bicubic):
-    image = smooth_image(375, 500)
+def pil_crop_resize(image: torch.Tensor, box, size: int, bicubic: bool) -> torch.Tensor:
     top, left, h, w = box
     resample = Image.BICUBIC if bicubic else Image.BILINEAR
     pil = Image.fromarray(image.permute(1, 2, 0).numpy()).crop((left, top, left + w, top + h))
-    ref = torch.from_numpy(np.asarray(pil.resize((size, size), resample)).copy()).permute(2, 0, 1).float()
-    canvas = ga.pad_to_canvas([image, smooth_image(400, 520, seed=1)])  # padded beyond the image
+    return torch.from_numpy(np.asarray(pil.resize((size, size), resample)).copy()).permute(2, 0, 1).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bicubic", [True, False])
+@pytest.mark.parametrize("box,size", [((20, 30, 300, 400), 224), ((5, 7, 60, 50), 96), ((0, 0, 375, 500), 96),
+                                      ((300, 420, 75, 80), 224)])
+def test_crop_resize_equals_pil(box, size, bicubic, dtype):
+    image = smooth_image(375, 500)
+    ref = pil_crop_resize(image, box, size, bicubic)
+    canvas = ga.pad_to_canvas([image, smooth_image(400, 520, seed=1)], dtype)  # padded beyond the image
     for flip in (False, True):
         out = ga.crop_resize(canvas[:1], torch.tensor([box]), torch.tensor([flip]), size, bicubic)[0] * 255
         expected = ref.flip(-1) if flip else ref
+        assert out.dtype == torch.float32
         assert (out - expected).abs().max() <= 2.0  # PIL rounds to uint8 between its two passes
         assert (out - expected).abs().mean() < 0.5
+
+
+@pytest.mark.parametrize("size", [224, 96])
+def test_crops_of_a_batch_from_a_window_equal_pil(size):
+    """Small crops are resized from a window of the canvas placed per image (`crop_window`), also
+    when a crop lies in the far corner of an image or of the canvas; float16 (the CUDA
+    default) stays within a third of a grey level of float32."""
+    images = [smooth_image(375, 500, seed=0), smooth_image(120, 90, seed=1), smooth_image(400, 520, seed=2)]
+    boxes = torch.tensor([[10, 400, 60, 90], [60, 30, 60, 60], [350, 450, 45, 70]])  # the last: window clamped
+    canvas = ga.pad_to_canvas(images)
+    window, inside = ga.crop_window(canvas, boxes)
+    assert window.shape == (3, 60, 3, 90)  # the largest crop height and width
+    for i, ((top, left, h, w), (t, l_, _, _)) in enumerate(zip(boxes.tolist(), inside.tolist())):
+        assert torch.equal(window[i, t : t + h, :, l_ : l_ + w], canvas[i, top : top + h, :, left : left + w])
+    flip = torch.tensor([True, False, True])
+    out = ga.crop_resize(canvas, boxes, flip, size, True) * 255
+    half = ga.crop_resize(ga.pad_to_canvas(images, torch.float16), boxes, flip, size, True) * 255
+    assert (half - out).abs().max() < 1 / 3
+    for i, image in enumerate(images):
+        expected = pil_crop_resize(image, boxes[i].tolist(), size, True)
+        expected = expected.flip(-1) if flip[i] else expected
+        assert (out[i] - expected).abs().max() <= 2.0 and (out[i] - expected).abs().mean() < 0.5
 
 
 def test_color_steps_equal_torchvision():
@@ -213,6 +242,13 @@ def test_views_shapes_dtype_and_determinism(transform_type, n_augs, sizes):
     assert all(v.min() >= lo and v.max() <= hi for v in views)
     again = recipe(images, torch.Generator().manual_seed(3))
     assert all(torch.equal(a, b) for a, b in zip(views, again))
+
+
+def test_canvas_groups_keep_landscape_and_portrait_images_apart():
+    sizes = torch.tensor([[375, 500], [500, 375], [333, 500], [500, 500], [500, 333], [64, 80]])
+    groups = ga.canvas_groups(sizes, ga.MAX_CANVAS_ELEMENTS)
+    assert sorted(torch.cat(groups).tolist()) == list(range(6))
+    assert sorted(sorted(g.tolist()) for g in groups) == [[0, 2, 3, 5], [1, 4]]  # square counts as landscape
 
 
 def test_canvas_groups_bound_the_padding_and_cover_every_image():
