@@ -358,25 +358,24 @@ def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.
 
 
 def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of `[n, 3, H, W]` by `shift` `[n]` turns (RGB -> HSV -> RGB)."""
-    maxc, minc = x.amax(1), x.amin(1)
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    r, g, b = ((maxc.unsqueeze(1) - x) / safe.unsqueeze(1)).unbind(1)  # distances from the max channel
-    hue = torch.where(x[:, 0] == maxc, b - g, torch.where(x[:, 1] == maxc, 2 + r - b, 4 + g - r))
-    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
-    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
-    sat = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    # the HSV -> RGB formula c_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, n = 5, 3, 1
-    k = torch.remainder(to_device(torch.tensor([5.0, 3.0, 1.0]), x.device).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1), 6)
-    ramp = torch.minimum(k, 4 - k).clamp(0, 1)
-    return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * ramp)
+    """Rotate the hue of `[n, 3, H, W]` by `shift` `[n]` turns, as torchvision's RGB -> HSV -> RGB.
+
+    Value v (the max channel) and chroma c = v - min stay; channel j of the result is
+    v - c * clamp(min(k, 4 - k), 0, 1) with k = (n_j + 6 * hue) mod 6, n = 5, 3, 1 (the HSV -> RGB
+    formula with v * s = c). A grey pixel (c = 0) stays v whatever its hue, so it needs no case."""
+    maxc = x.amax(1, keepdim=True)
+    chroma = maxc - x.amin(1, keepdim=True)
+    r, g, b = ((maxc - x) / torch.where(chroma > 0, chroma, 1.0)).unbind(1)  # distances from the max channel
+    sextant = torch.where(x[:, 0] == maxc[:, 0], b - g, torch.where(x[:, 1] == maxc[:, 0], 2 + r - b, 4 + g - r))
+    turn = to_device(torch.tensor([5.0, 3.0, 1.0]), x.device).view(1, 3, 1, 1)
+    k = torch.remainder(turn + (sextant + 6 * shift.view(-1, 1, 1)).unsqueeze(1), 6)
+    return maxc - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 def jitter_step(x: torch.Tensor, step: int, factor: torch.Tensor) -> torch.Tensor:
     """ColorJitter's step 0-3 (brightness, contrast, saturation, hue) on `[n, 3, H, W]`, factor `[n]`."""
-    if step == 0:
-        return _blend(x, torch.zeros_like(x), factor)
+    if step == 0:  # a blend with black
+        return (factor.view(-1, 1, 1, 1) * x).clamp_(0, 1)
     if step == 1:
         return _blend(x, grayscale(x).mean((2, 3), keepdim=True), factor)
     if step == 2:
@@ -386,12 +385,11 @@ def jitter_step(x: torch.Tensor, step: int, factor: torch.Tensor) -> torch.Tenso
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
                  applied: torch.Tensor | None = None) -> torch.Tensor:
-    """torchvision's ColorJitter per sample: `[n, 3, H, W]`, factors `[n, 4]` (on x's device),
-    order `[n, 4]` (each sample's permutation of the 4 steps, on the CPU), `applied` `[n]` bool on
-    the CPU (default all) -> `[n, 3, H, W]`. The samples of each step are found on the CPU, so
-    nothing waits for the GPU."""
+    """torchvision's ColorJitter per sample, in place: `[n, 3, H, W]`, factors `[n, 4]` (on x's
+    device), order `[n, 4]` (each sample's permutation of the 4 steps, on the CPU), `applied` `[n]`
+    bool on the CPU (default all) -> x. The samples of each step are found on the CPU, so nothing
+    waits for the GPU."""
     applied = torch.ones(len(order), dtype=torch.bool) if applied is None else applied
-    x = x.clone()
     for position in range(4):
         for step in range(4):
             idx = ((order[:, position] == step) & applied).nonzero()[:, 0]
@@ -415,9 +413,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return flat.view(n, c, height, width)
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A CPU tensor on `device` without waiting: through pinned memory, non-blocking, on CUDA."""
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
@@ -482,7 +480,7 @@ class GpuRecipe:
                 view[device_group] = crop_resize(canvas, p.boxes[group], p.flip[group], spec.size, spec.bicubic)
         mean = to_device(torch.tensor(MEAN).view(1, 3, 1, 1), device)
         std = to_device(torch.tensor(STD).view(1, 3, 1, 1), device)
-        return [(colour_view(v, p) - mean) / std for v, p in zip(views, params)]
+        return [colour_view(v, p).sub_(mean).div_(std) for v, p in zip(views, params)]
 
     def __call__(self, images: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         sizes = torch.tensor([im.shape[1:] for im in images])

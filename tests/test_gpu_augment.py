@@ -188,7 +188,7 @@ def test_color_steps_equal_torchvision():
             torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
     order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]])
     factors = torch.tensor([[0.6, 1.3, 1.7, 0.1]] * 4)
-    out = ga.color_jitter(x, factors, order)
+    out = ga.color_jitter(x.clone(), factors, order)
     for i in range(4):
         expected = x[i]
         for step in order[i].tolist():
