@@ -46,3 +46,15 @@ def test_train_throughput_synthetic_multicrop():
     assert [r.split("  ")[0] for r in rows] == ["reference-style (fp16, NCHW)", "fp16, NCHW, our loss",
                                                  "bf16, channels_last, our loss"]
     assert all(re.search(r"\d+ samples/s .* loss +-?[\d.]+% of the step", r) for r in rows), out
+
+
+@pytest.mark.parametrize("augment_on,recipes", [("cpu", ["dino"]), ("gpu", ["JPEG bytes only"])])
+def test_bench_loader_times_real_shards(augment_on, recipes):
+    """The loader bench shards real JPEGs and times the loader; with --augment-on gpu only the
+    reading and batching of the files (what the CPU still does under augment_on: gpu)."""
+    from bench import bench_loader
+
+    rows = bench_loader.main(["--workers", "1", "--batches", "2", "--batch-size", "8", "--images", "24",
+                              "--recipes", "dino", "--augment-on", augment_on])
+    assert [(r["recipe"], r["workers"]) for r in rows] == [(recipes[0], 1)]
+    assert rows[0]["samples_per_s"] > 0
