@@ -346,15 +346,15 @@ def pad_to_canvas(images: Sequence[torch.Tensor], dtype: torch.dtype = torch.flo
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """`[n, 3, H, W]` -> the luma `[n, 1, H, W]`."""
-    r, g, b = x.unbind(1)
-    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
+    """`[n, 3, H, W]` -> the luma `[n, 1, H, W]` (one batched product over the channels)."""
+    n, _, height, width = x.shape
+    luma = to_device(torch.tensor([LUMA], dtype=x.dtype), x.device)  # [1, 3]
+    return (luma @ x.reshape(n, 3, height * width)).view(n, 1, height, width)
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """factor * x + (1 - factor) * other, clamped to [0, 1]; factor `[n]`."""
-    f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp(0, 1)
+    return torch.lerp(other, x, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -376,8 +376,8 @@ def jitter_step(x: torch.Tensor, step: int, factor: torch.Tensor) -> torch.Tenso
     """ColorJitter's step 0-3 (brightness, contrast, saturation, hue) on `[n, 3, H, W]`, factor `[n]`."""
     if step == 0:  # a blend with black
         return (factor.view(-1, 1, 1, 1) * x).clamp_(0, 1)
-    if step == 1:
-        return _blend(x, grayscale(x).mean((2, 3), keepdim=True), factor)
+    if step == 1:  # a blend with the mean luma, which is the luma of the channel means
+        return _blend(x, grayscale(x.mean((2, 3), keepdim=True)), factor)
     if step == 2:
         return _blend(x, grayscale(x), factor)
     return shift_hue(x, factor)
@@ -480,7 +480,7 @@ class GpuRecipe:
                 view[device_group] = crop_resize(canvas, p.boxes[group], p.flip[group], spec.size, spec.bicubic)
         mean = to_device(torch.tensor(MEAN).view(1, 3, 1, 1), device)
         std = to_device(torch.tensor(STD).view(1, 3, 1, 1), device)
-        return [colour_view(v, p).sub_(mean).div_(std) for v, p in zip(views, params)]
+        return [torch.addcmul(-mean / std, colour_view(v, p), 1 / std, out=v) for v, p in zip(views, params)]
 
     def __call__(self, images: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         sizes = torch.tensor([im.shape[1:] for im in images])
