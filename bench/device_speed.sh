@@ -9,8 +9,12 @@
 #   multicrop  the same for 2 x 224 + 6 x 96                                               ~5 min
 #   shards     GPU decode + augmentation alone, then end to end from synthetic JPEG shards:
 #              PIL workers vs augment_on gpu (prefetched)                                 ~9 min
+#   syncbn     does torch.compile keep SyncBatchNorm in its graph under DDP (2 gloo processes
+#              sharing the GPU): graphs, breaks, gradients against eager, ms per step     ~3 min
 # Wheels missing on that machine (webdataset, braceexpand, diffsort, sacred, ...) are carried in .whl/
-# (git-ignored: pass it in the device call's carry list).
+# (git-ignored: pass it in the device call's carry list). Make it with the device's Python version:
+#   grep -vE '^(torch|torchvision|numpy|pillow)' requirements.txt > /tmp/req.txt
+#   python -m pip download -d .whl -r /tmp/req.txt
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
@@ -48,5 +52,9 @@ for section in "${@:-all}"; do
       --make-shards 3072 --workers 16
     timeout 220 python3 -m bench.train_throughput --batch 256 --steps 10 --warmup 4 --short --compile-mode default \
       --make-shards 1536 --workers 16 --multicrop
+  fi
+  if [[ $section == syncbn || $section == all ]]; then
+    echo "== SyncBatchNorm under torch.compile and DDP, ResNet-50, 2 processes on one GPU"
+    timeout 300 python3 -m bench.syncbn_compile --arch resnet50 --batch 32 --steps 5
   fi
 done

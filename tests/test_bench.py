@@ -58,3 +58,14 @@ def test_bench_loader_times_real_shards(augment_on, recipes):
                               "--recipes", "dino", "--augment-on", augment_on])
     assert [(r["recipe"], r["workers"]) for r in rows] == [(recipes[0], 1)]
     assert rows[0]["samples_per_s"] > 0
+
+
+def test_syncbn_compile_probe_runs():
+    """The SyncBatchNorm-under-compile probe (plain BatchNorm on the CPU) trains two gloo processes
+    eagerly and compiled and reports graphs, breaks, the gradient difference and step times."""
+    out = run_module("bench.syncbn_compile", "--device", "cpu", "--arch", "resnet18", "--batch", "4", "--size", "32",
+                     "--steps", "1")
+    assert re.search(r"graphs compiled: [1-9]\d*, graph breaks: \d+", out), out
+    diff = re.search(r"largest gradient difference, compiled - eager: ([\d.e+-]+) of the largest gradient", out)
+    assert diff and float(diff[1]) < 1e-2, out
+    assert re.search(r"ms per step: eager [\d.]+, compiled [\d.]+", out), out

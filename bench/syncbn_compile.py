@@ -1,0 +1,112 @@
+"""Does torch.compile keep SyncBatchNorm in its graph under DDP, as the multi-GPU runs use it?
+
+    python -m bench.syncbn_compile --arch resnet50 --batch 32      # on a CUDA machine (one GPU is enough)
+
+Two processes (gloo, so that both can share one GPU) train the model of this repository under DDP
+with SyncBatchNorm, as `trainer/setup.py` builds it for several GPUs, once uncompiled and once
+through torch.compile (default mode). Rank 0 prints the graphs torch.compile made, its graph breaks
+with their reasons, the largest difference of the compiled gradients from the uncompiled ones
+(relative to the largest gradient), and the milliseconds per step of both. PyTorch's tracker said in
+2025 that SyncBatchNorm breaks the graph (pytorch/pytorch#161302); a break at every BatchNorm
+leaves a ResNet-50 in some 50 pieces, and most of what compiling gains with it. `--device cpu`
+runs the same code with plain BatchNorm (SyncBatchNorm needs a GPU), to check the script itself.
+No pass or fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from bench.train_throughput import build
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_step(model: nn.Module, views: list[torch.Tensor]) -> None:
+    """Forward both views, a loss that reaches every embedding, backward (DDP reduces the gradients)."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(views[0].device.type, dtype=torch.bfloat16, enabled=views[0].is_cuda):
+        embeddings = model(views)
+    sum(z.float().square().mean() for z in embeddings).backward()
+
+
+def ms_per_step(model: nn.Module, views: list[torch.Tensor], steps: int) -> float:
+    for _ in range(2):
+        train_step(model, views)
+    if views[0].is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, views)
+    if views[0].is_cuda:
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def worker(rank: int, args: argparse.Namespace, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    device = torch.device(args.device)
+    net = build(args.arch, False, torch.device("cpu"))
+    if device.type == "cuda":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
+    ids = [device] if device.type == "cuda" else None
+    eager = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    compiled_ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(net), device_ids=ids)
+    compiled = torch.compile(compiled_ddp)
+    gen = torch.Generator().manual_seed(rank)
+    views = [torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(device) for _ in range(2)]
+
+    torch._dynamo.utils.counters.clear()
+    train_step(eager, views)
+    train_step(compiled, views)
+    counters = torch._dynamo.utils.counters
+    pairs = [(a.grad, b.grad) for a, b in zip(eager.parameters(), compiled_ddp.parameters()) if a.grad is not None]
+    scale = max(a.abs().max() for a, _ in pairs)
+    diff = max((a - b).abs().max() for a, b in pairs)
+    times = (ms_per_step(eager, views, args.steps), ms_per_step(compiled, views, args.steps))
+    if rank == 0:
+        norm = "SyncBatchNorm" if device.type == "cuda" else "BatchNorm (CPU: no SyncBatchNorm)"
+        print(f"{args.arch}, {norm}, DDP over {WORLD} gloo processes on {device}, batch {args.batch} x 2 views "
+              f"of {args.size} per process")
+        print(f"graphs compiled: {counters['stats']['unique_graphs']}, "
+              f"graph breaks: {sum(counters['graph_break'].values())}")
+        for reason, count in sorted(counters["graph_break"].items(), key=lambda kv: -kv[1])[:5]:
+            print(f"  {count} x {reason[:300]}")
+        print(f"largest gradient difference, compiled - eager: {float(diff / scale):.2e} of the largest gradient")
+        print(f"ms per step: eager {times[0]:.1f}, compiled {times[1]:.1f}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arch", default="resnet50", choices=("resnet18", "resnet50"))
+    parser.add_argument("--batch", type=int, default=32, help="per process and view")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    mp.spawn(worker, args=(args, free_port()), nprocs=WORLD)
+
+
+if __name__ == "__main__":
+    main()
