@@ -209,6 +209,12 @@ def crop_boxes(sizes: torch.Tensor, scale: tuple[float, float], gen: torch.Gener
     return torch.stack([top, left, h, w], 1).long()
 
 
+def join_params(params: Sequence[ViewParams]) -> ViewParams:
+    """The parameters of k views of B images as those of one batch of k B crops (view-major)."""
+    fields = [f.name for f in dataclasses.fields(ViewParams)]
+    return ViewParams(**{f: torch.cat([getattr(p, f) for p in params]) for f in fields})
+
+
 def sample_view(spec: ViewSpec, sizes: torch.Tensor, gen: torch.Generator) -> ViewParams:
     """Draw one view's parameters for images of sizes `[B, 2]` (H, W) from the CPU generator `gen`."""
     n = sizes.shape[0]
@@ -276,43 +282,56 @@ def resize_matrix(start: torch.Tensor, length: torch.Tensor, size: int, extent: 
 
 
 def crop_window(canvas: torch.Tensor, boxes: torch.Tensor, fraction: float = WINDOW_FRACTION
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut the part of `canvas` `[n, Hc, 3, Wc]` that every crop `boxes` `[n, 4]` (CPU) fits in, when
-    it is at most `fraction` of the canvas (a small crop then costs the resize little): a window of
-    the largest crop height and width, placed per image over its crop -> (window `[n, h, 3, w]`, the
-    boxes relative to it). Otherwise the canvas and the boxes as they are."""
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Cut from `canvas` `[n, Hc, 3, Wc]` a window around each crop of `boxes` `[m, 4]` (CPU; crop c
+    on image c mod n), all of the largest crop height and width, when that is at most `fraction`
+    of the canvas (a small crop then costs the resize little): -> (windows `[m, h, 3, w]`, the boxes
+    relative to them); None when the windows would not be small."""
     n, height, _, width = canvas.shape
     span_h, span_w = int(boxes[:, 2].max()), int(boxes[:, 3].max())
     if span_h * span_w > fraction * height * width:
-        return canvas, boxes
+        return None
     top = boxes[:, 0].clamp(max=height - span_h)
     left = boxes[:, 1].clamp(max=width - span_w)
+    image = to_device(torch.arange(len(boxes)) % n, canvas.device)
     rows = to_device(top[:, None] + torch.arange(span_h), canvas.device)
     cols = to_device(left[:, None] + torch.arange(span_w), canvas.device)
-    window = canvas.gather(1, rows[:, :, None, None].expand(n, span_h, 3, width))
-    window = window.gather(3, cols[:, None, None, :].expand(n, span_h, 3, span_w))
+    window = canvas[image[:, None], rows]  # [m, span_h, 3, Wc]
+    window = window.gather(3, cols[:, None, None, :].expand(len(boxes), span_h, 3, span_w))
     return window, boxes - torch.stack([top, left, torch.zeros_like(top), torch.zeros_like(top)], 1)
+
+
+def _resize(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`rows @ image @ cols^T` per image and channel: images `[n, H, 3, W]`, rows `[n, S, H]`, cols
+    `[n, S, W]` -> `[n, S, 3, S]`. The channels sit between rows and columns so that neither batched
+    product needs a copy; the one that shrinks the longer axis goes first."""
+    n, height, _, width = images.shape
+    size = rows.shape[1]
+    if height >= width:  # rows first: [n, S, H] @ [n, H, 3W] -> [n, S, 3W] = [n, 3S, W]
+        out = (rows @ images.view(n, height, 3 * width)).view(n, 3 * size, width) @ cols.transpose(1, 2)
+    else:  # columns first: [n, 3H, W] @ [n, W, S] -> [n, 3H, S] = [n, H, 3S]
+        out = rows @ (images.view(n, 3 * height, width) @ cols.transpose(1, 2)).view(n, height, 3 * size)
+    return out.view(n, size, 3, size)
 
 
 def crop_resize(canvas: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
                 bicubic: bool) -> torch.Tensor:
-    """Crop `boxes` `[n, 4]` (top, left, h, w; CPU) of the images on `canvas` `[n, Hc, 3, Wc]` (pixel
-    values 0-255, each image in the top-left corner, padded; see `pad_to_canvas`) and resize them to
-    float32 `[n, 3, size, size]` in [0, 1], mirrored where `flip` `[n]` (CPU).
-
-    Two batched matrix products in the canvas's dtype, `rows @ image @ cols^T` per sample and
-    channel; the canvas keeps the channels between rows and columns so that neither product needs a
-    copy, and the product that shrinks the longer axis goes first."""
-    canvas, boxes = crop_window(canvas, boxes)
-    n, height, _, width = canvas.shape
-    device, dtype = canvas.device, canvas.dtype
+    """Crop `boxes` `[m, 4]` (top, left, h, w; CPU) of the images on `canvas` `[n, Hc, 3, Wc]` (pixel
+    values 0-255, each image in the top-left corner, padded; see `pad_to_canvas`), crop c from image
+    c mod n (m = k n: k crops of every image), and resize them to float32 `[m, 3, size, size]` in
+    [0, 1], mirrored where `flip` `[m]` (CPU). Two batched matrix products in the canvas's dtype."""
+    n, device, dtype = canvas.shape[0], canvas.device, canvas.dtype
+    windows = crop_window(canvas, boxes)
+    if windows is not None:
+        canvas, boxes = windows
+    height, width = canvas.shape[1], canvas.shape[3]
     rows = resize_matrix(boxes[:, 0], boxes[:, 2], size, height, bicubic, device=device, dtype=dtype)
     cols = resize_matrix(boxes[:, 1], boxes[:, 3], size, width, bicubic, flip, device=device, dtype=dtype)
-    if height >= width:  # rows first: [n, S, H] @ [n, H, 3W] -> [n, S, 3W] = [n, 3S, W]
-        out = (rows @ canvas.view(n, height, 3 * width)).view(n, 3 * size, width) @ cols.transpose(1, 2)
-    else:  # columns first: [n, 3H, W] @ [n, W, S] -> [n, 3H, S] = [n, H, 3S]
-        out = rows @ (canvas.view(n, 3 * height, width) @ cols.transpose(1, 2)).view(n, height, 3 * size)
-    out = out.view(n, size, 3, size).permute(0, 2, 1, 3).float()  # [n, S, 3, S] -> [n, 3, S, S]
+    if windows is not None:
+        out = _resize(canvas, rows, cols)
+    else:  # the k crops of each image, each against the whole canvas
+        out = torch.cat([_resize(canvas, r, c) for r, c in zip(rows.split(n), cols.split(n))])
+    out = out.permute(0, 2, 1, 3).float()  # [m, S, 3, S] -> [m, 3, S, S]
     return out.mul_(1 / 255).clamp_(0, 1)
 
 
@@ -470,19 +489,33 @@ class GpuRecipe:
         return [sample_view(spec, sizes, generator) for spec in self.specs]
 
     def apply(self, images: Sequence[torch.Tensor], params: Sequence[ViewParams]) -> list[torch.Tensor]:
-        """Make the views with the given parameters: B x `[3, H_i, W_i]` uint8 -> n_augs x `[B, 3, S, S]`."""
-        device = images[0].device
+        """Make the views with the given parameters: B x `[3, H_i, W_i]` uint8 -> n_augs x `[B, 3, S, S]`.
+
+        The views of one size and filter (both global views; the six local ones) are made as one
+        batch of k B crops: every step is per sample, so this changes no value, only how many
+        kernels a batch launches."""
+        device, n = images[0].device, len(images)
         dtype = self.resize_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         sizes = torch.tensor([im.shape[1:] for im in images])
-        views = [torch.empty(len(images), 3, s.size, s.size, device=device) for s in self.specs]
+        kinds: dict[tuple[int, bool], list[int]] = {}  # (size, bicubic) -> the views made together
+        for v, spec in enumerate(self.specs):
+            kinds.setdefault((spec.size, spec.bicubic), []).append(v)
+        joined = {kind: join_params([params[v] for v in members]) for kind, members in kinds.items()}
+        crops = {kind: torch.empty(len(members) * n, 3, kind[0], kind[0], device=device)
+                 for kind, members in kinds.items()}
         for group in canvas_groups(sizes, self.max_canvas_elements):
             canvas = pad_to_canvas([images[i] for i in group], dtype)
-            device_group = to_device(group, device)
-            for view, spec, p in zip(views, self.specs, params):
-                view[device_group] = crop_resize(canvas, p.boxes[group], p.flip[group], spec.size, spec.bicubic)
+            for kind, members in kinds.items():
+                index = (torch.arange(len(members))[:, None] * n + group).flatten()  # crop j n + i: view j of image i
+                p = joined[kind]
+                crops[kind][to_device(index, device)] = crop_resize(canvas, p.boxes[index], p.flip[index], *kind)
         mean = to_device(torch.tensor(MEAN).view(1, 3, 1, 1), device)
         std = to_device(torch.tensor(STD).view(1, 3, 1, 1), device)
-        return [torch.addcmul(-mean / std, colour_view(v, p), 1 / std, out=v) for v, p in zip(views, params)]
+        views: dict[int, torch.Tensor] = {}
+        for kind, members in kinds.items():
+            x = torch.addcmul(-mean / std, colour_view(crops[kind], joined[kind]), 1 / std, out=crops[kind])
+            views.update(zip(members, x.split(n)))
+        return [views[v] for v in range(len(self.specs))]
 
     def __call__(self, images: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         sizes = torch.tensor([im.shape[1:] for im in images])

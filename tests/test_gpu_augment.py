@@ -262,6 +262,23 @@ def test_canvas_groups_bound_the_padding_and_cover_every_image():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
+def test_views_of_one_size_made_together_equal_views_made_alone():
+    """apply() makes the views of one size (the two global, the six local) as one batch of crops;
+    each view equals the view made by itself, over several canvas groups and both crop paths
+    (whole canvas for the global views, windows for the local ones)."""
+    shapes = [(375, 500), (500, 375), (120, 90), (375, 500), (64, 80)]
+    images = [smooth_image(*s, seed=i) for i, s in enumerate(shapes)]
+    recipe = ga.GpuRecipe("dino_multicrop", 8, max_canvas_elements=3 * 375 * 500 * 2)
+    sizes = torch.tensor([im.shape[1:] for im in images])
+    assert [len(g) for g in ga.canvas_groups(sizes, recipe.max_canvas_elements)] == [2, 1, 2]
+    params = recipe.sample_params(sizes, torch.Generator().manual_seed(0))
+    together = recipe.apply(images, params)
+    for spec, p, view in zip(recipe.specs, params, together):
+        alone = ga.GpuRecipe("dino_multicrop", 8, max_canvas_elements=recipe.max_canvas_elements)
+        alone.specs = [spec]
+        torch.testing.assert_close(view, alone.apply(images, [p])[0], atol=1e-5, rtol=0)
+
+
 def test_decode_batch_equals_pil():
     images = [smooth_image(375, 500), smooth_image(333, 500, seed=1)]
     data = [jpeg_bytes(images[0]), jpeg_bytes(images[1], mode="L")]
