@@ -7,7 +7,9 @@ photo-like images), then times for `dino` (2 views) and `dino_multicrop` (8 view
 - decode: `decode_batch` of the whole batch on --device;
 - decode + augment: `gpu_views` on --device (device synchronised before the clock stops);
 - PIL: decode + the PIL recipe of data_loader.transforms on a Pool of --workers CPU processes.
-It prints samples per second; there is no pass or fail.
+It prints samples per second; there is no pass or fail. `--count-ops` also prints the operators
+one batch's augmentation runs (a kernel launch each on a GPU; counted on the CPU as
+`bench_loss --count-ops` counts them, the CPU-side index bookkeeping included).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from bench.bench_loader import synthetic_photo
+from bench.bench_loss import count_ops
 from data_loader.gpu_augment import GpuRecipe, decode_batch, gpu_views
 from data_loader.transforms import build_transform, decode_image
 
@@ -85,6 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=3, help="timed batches per measurement")
     parser.add_argument("--workers", type=int, default=4, help="CPU processes of the PIL baseline (0: skip it)")
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
+    parser.add_argument("--count-ops", action="store_true", help="also count the operators of one batch")
     return parser.parse_args(argv)
 
 
@@ -101,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         gpu = GpuRecipe(recipe, RECIPES[recipe])
         fast = rate(lambda gpu=gpu: gpu_views(jpegs, labels, gpu, device, gen), args.batch_size, args.batches, device)
         line = f"{recipe} ({RECIPES[recipe]} views): decode + augment on {device} {fast:.0f} samples/s"
+        if args.count_ops:
+            images = decode_batch(jpegs, device)
+            fresh = torch.Generator().manual_seed(0)  # the count depends on the draws (empty subsets are skipped)
+            line += f"; {count_ops(lambda r=gpu, im=images, g=fresh: r(im, g))} operators per batch"
         if args.workers > 0:
             slow = pil_rate(jpegs, recipe, args.workers, args.batches)
             line += f"; PIL on {args.workers} processes {slow:.0f} samples/s ({slow / args.workers:.0f} per process)"

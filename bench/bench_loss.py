@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable
 
 import diffsort
 import torch
@@ -81,14 +82,14 @@ VIEW_OPS = {"aten::" + name for name in (
     "item", "_local_scalar_dense", "is_nonzero")}
 
 
-def count_ops(fn, views: list[torch.Tensor]) -> int:
-    """Operators that do work (a kernel each on a GPU) in one forward + backward: the leaves of the
+def count_ops(run: Callable[[], object]) -> int:
+    """Operators that do work (a kernel each on a GPU) in one call of `run`: the leaves of the
     profiler's operator tree, views and dtype/scalar conversions left out. A hardware-independent
-    measure of the launch overhead of an uncompiled loss."""
+    measure of the launch overhead of uncompiled code."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn(views).backward()
+        run()
 
     def works(event) -> bool:
         return event.name.startswith("aten::") and event.name not in VIEW_OPS
@@ -130,8 +131,8 @@ def main() -> None:
         line = (f"batch {batch:5d}: reference-style {ref_ms:8.2f} ms   ours {our_ms:8.2f} ms   "
                 f"ratio {our_ms / ref_ms:.2f}")
         if args.count_ops:
-            line += (f"   operators per call: reference-style {count_ops(reference, views)}, "
-                     f"ours {count_ops(lambda v: ours(v)[0], views)}")
+            line += (f"   operators per call: reference-style {count_ops(lambda v=views: reference(v).backward())}, "
+                     f"ours {count_ops(lambda v=views: ours(v)[0].backward())}")
         for mode in args.compile:
             compiled = torch.compile(ours, mode=mode)
             ms = time_call(lambda v, fn=compiled: fn(v)[0], views, args.repeats)

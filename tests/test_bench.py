@@ -69,3 +69,11 @@ def test_syncbn_compile_probe_runs():
     diff = re.search(r"largest gradient difference, compiled - eager: ([\d.e+-]+) of the largest gradient", out)
     assert diff and float(diff[1]) < 1e-2, out
     assert re.search(r"ms per step: eager [\d.]+, compiled [\d.]+", out), out
+
+
+def test_bench_gpu_augment_counts_operators():
+    out = run_module("bench.bench_gpu_augment", "--device", "cpu", "--batch-size", "4", "--batches", "1",
+                     "--workers", "1", "--recipes", "dino_multicrop", "--count-ops")
+    line = re.search(r"dino_multicrop \(8 views\): decode \+ augment on cpu [\d.]+ samples/s; (\d+) operators per "
+                     r"batch; PIL on 1 processes [\d.]+ samples/s", out)
+    assert line and int(line[1]) > 0, out
