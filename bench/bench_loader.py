@@ -10,8 +10,10 @@ a warm-up that starts the workers. It prints figures; there is no pass or fail. 
 PIL pipeline fed 712 samples/s on 16 cores for 2 x 224 (SPEC 9).
 
 `--augment-on gpu` times the CPU side of `augment_on: gpu` instead: the workers only read the
-shards and batch the JPEG files (decoding and augmentation then happen on the GPU), so the recipe
-does not matter and one line per worker count is printed.
+shards and pack the batch's JPEG files into one buffer (decoding and augmentation then happen on
+the GPU), so the recipe does not matter and one line per worker count is printed. Every line also
+gives the CPU time the main (training) process spends per batch receiving it, with all its
+threads: on a GPU machine that time competes with the training step for the interpreter.
 """
 
 from __future__ import annotations
@@ -63,16 +65,18 @@ def make_shards(folder: Path, n_images: int, shard_size: int, seed: int = 0) -> 
 
 
 def time_loader(shards: str, recipe: str, workers: int, batch_size: int, batches: int, warmup: int,
-                augment_on: str = "cpu") -> float:
-    """Samples per second of the training loader over `batches` batches after `warmup` batches."""
+                augment_on: str = "cpu") -> tuple[float, float]:
+    """(samples per second, CPU milliseconds of the training process per batch) of the training
+    loader over `batches` batches after `warmup` batches. The second is what receiving a batch from
+    the workers costs the process that trains (all its threads; the workers not counted)."""
     loader = WebLoader(LoaderRuntime(), shards, dataset_size=(batches + warmup) * batch_size, shuffle=100,
                        batch_size=batch_size, num_workers=workers, transform_type=recipe, n_augs=RECIPES[recipe],
                        augment_on=augment_on)
-    start = None
+    start = cpu = None
     for step, _ in enumerate(loader):
         if step == warmup - 1:
-            start = time.perf_counter()
-    return batches * batch_size / (time.perf_counter() - start)
+            start, cpu = time.perf_counter(), time.process_time()
+    return batches * batch_size / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / batches
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,14 +105,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shards = make_shards(Path(tmp), args.images, shard_size)
         logger.info("%d CPU cores; batch %d, %d timed batches after %d warm-up", os.cpu_count(), args.batch_size,
                     args.batches, args.warmup)
-        logger.info("%-16s %8s %14s %16s", "recipe", "workers", "samples/s", "per worker")
+        logger.info("%-16s %8s %14s %16s %22s", "recipe", "workers", "samples/s", "per worker", "main CPU ms/batch")
         recipes = args.recipes if args.augment_on == "cpu" else ["JPEG bytes only"]
         for recipe in recipes:
             for workers in args.workers:
-                rate = time_loader(shards, RECIPE_OF_BYTES if args.augment_on == "gpu" else recipe, workers,
-                                   args.batch_size, args.batches, args.warmup, args.augment_on)
-                rows.append({"recipe": recipe, "workers": workers, "samples_per_s": rate})
-                logger.info("%-16s %8d %14.1f %16.1f", recipe, workers, rate, rate / max(workers, 1))
+                rate, cpu_ms = time_loader(shards, RECIPE_OF_BYTES if args.augment_on == "gpu" else recipe, workers,
+                                           args.batch_size, args.batches, args.warmup, args.augment_on)
+                rows.append({"recipe": recipe, "workers": workers, "samples_per_s": rate, "main_cpu_ms": cpu_ms})
+                logger.info("%-16s %8d %14.1f %16.1f %22.1f", recipe, workers, rate, rate / max(workers, 1), cpu_ms)
     return rows
 
 

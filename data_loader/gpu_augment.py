@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ from data_loader.transforms import (
     MEAN,
     N_LOCAL_VIEWS,
     STD,
+    PackedFiles,
     UndecodableImageError,
     decode_image,
 )
@@ -64,7 +65,7 @@ class BatchDecodeError(UndecodableImageError):
         self.index = index
 
 
-def jpeg_components(data: bytes) -> int | None:
+def jpeg_components(data: bytes | memoryview) -> int | None:
     """The number of colour components in a JPEG's frame header (1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK),
     or None when `data` is not a JPEG (a PNG under a .JPEG name, say) or has no frame header before
     its scan. Reads only the marker segments, never the image data."""
@@ -96,18 +97,31 @@ def _decode_on_cpu(data: bytes, index: int, device: torch.device | str) -> torch
     return pil_to_tensor(image).to(device)
 
 
-def decode_batch(files: Sequence[bytes], device: torch.device | str) -> list[torch.Tensor]:
-    """Decode a batch's image files on `device` (nvJPEG, batched, on CUDA): B files -> B x uint8
-    `[3, H_i, W_i]`.
+ImageFiles = Union[PackedFiles, Sequence[bytes], Sequence[torch.Tensor]]
+
+
+def file_tensors(files: ImageFiles) -> list[torch.Tensor]:
+    """A batch's image files as 1-D uint8 CPU tensors: packed files as views of their buffer,
+    `bytes` copied once (torch needs a writable buffer), tensors as they are."""
+    if isinstance(files, PackedFiles):
+        return files.unpack()
+    return [f if isinstance(f, torch.Tensor) else torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
+
+
+def decode_batch(files: ImageFiles, device: torch.device | str) -> list[torch.Tensor]:
+    """Decode a batch's image files on `device` (nvJPEG, batched, on CUDA): B files (packed, bytes or
+    uint8 tensors) -> B x uint8 `[3, H_i, W_i]`.
 
     Grey and colour JPEGs are decoded there, 3 channels each. The rare others (ImageNet's training set
     has 22 CMYK JPEGs and one PNG under a .JPEG name) are decoded by PIL on the CPU, as the PIL
     recipes decode them, and copied over. Raises BatchDecodeError naming the index of the first file
     that neither decodes (a truncated file, say).
     """
-    images: list[torch.Tensor | None] = [None] * len(files)
-    on_device = [i for i, f in enumerate(files) if jpeg_components(f) in (1, 3)]
-    data = [torch.frombuffer(bytearray(files[i]), dtype=torch.uint8) for i in on_device]
+    tensors = file_tensors(files)
+    buffers = [memoryview(t.numpy()) for t in tensors]  # the headers are read without a copy
+    images: list[torch.Tensor | None] = [None] * len(tensors)
+    on_device = [i for i, b in enumerate(buffers) if jpeg_components(b) in (1, 3)]
+    data = [tensors[i] for i in on_device]
     try:
         decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
     except RuntimeError:  # the batched call fails as a whole: one by one, to find the file
@@ -116,12 +130,12 @@ def decode_batch(files: Sequence[bytes], device: torch.device | str) -> list[tor
             try:
                 decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
             except RuntimeError:
-                decoded.append(_decode_on_cpu(files[i], i, device))
+                decoded.append(_decode_on_cpu(bytes(buffers[i]), i, device))
     for i, image in zip(on_device, decoded):
         images[i] = image
     for i, image in enumerate(images):
         if image is None:
-            images[i] = _decode_on_cpu(files[i], i, device)
+            images[i] = _decode_on_cpu(bytes(buffers[i]), i, device)
     return images
 
 
@@ -522,12 +536,12 @@ class GpuRecipe:
         return self.apply(images, self.sample_params(sizes, generator))
 
 
-def gpu_views(batch_bytes: Sequence[bytes], labels: torch.Tensor, recipe: GpuRecipe, device: torch.device | str,
+def gpu_views(batch_files: ImageFiles, labels: torch.Tensor, recipe: GpuRecipe, device: torch.device | str,
               generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """A loader's undecoded batch -> the trainer's batch: B JPEG files and labels `[B]` ->
+    """A loader's undecoded batch -> the trainer's batch: B image files and labels `[B]` ->
     (n_augs x float32 `[B, 3, S, S]` on `device`, labels int64 `[B]` on `device`).
     Raises BatchDecodeError (with `.index`) for an undecodable file."""
-    images = decode_batch(batch_bytes, device)
+    images = decode_batch(batch_files, device)
     return recipe(images, generator), labels.to(device, non_blocking=True)
 
 

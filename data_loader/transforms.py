@@ -15,6 +15,7 @@ DataLoader worker seeded through the loader's `generator` augments deterministic
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import Callable, Literal, Sequence, get_args
 
@@ -61,10 +62,40 @@ def collate_views(samples: Sequence[tuple[list[torch.Tensor], int]]) -> Batch:
     return views, labels
 
 
-def collate_bytes(samples: Sequence[tuple[bytes, int]]) -> tuple[list[bytes], torch.Tensor]:
-    """[(JPEG file bytes, label), ...] (b samples) -> (b file contents, labels int64 [b]); for
+@dataclasses.dataclass(frozen=True)
+class PackedFiles:
+    """The image files of a batch in one buffer: `data` uint8 `[total bytes]`, `ends` int64 `[b]`
+    (file i is `data[ends[i - 1]:ends[i]]`). A loader worker hands a batch to the training process
+    as these two tensors, through shared memory, instead of pickling b `bytes` objects through a
+    pipe; `files[i]` is a view, not a copy."""
+
+    data: torch.Tensor
+    ends: torch.Tensor
+
+    @staticmethod
+    def pack(files: Sequence[bytes]) -> PackedFiles:
+        lengths = torch.tensor([len(f) for f in files], dtype=torch.int64)
+        buffer = bytearray().join(files)
+        data = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+        return PackedFiles(data, lengths.cumsum(0))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = int(self.ends[i - 1]) if i > 0 else 0
+        return self.data[start : int(self.ends[i])]
+
+    def unpack(self) -> list[torch.Tensor]:
+        """The b files as 1-D uint8 views of the buffer."""
+        return list(self.data.tensor_split(self.ends[:-1]))
+
+
+def collate_bytes(samples: Sequence[tuple[bytes, int]]) -> tuple[PackedFiles, torch.Tensor]:
+    """[(JPEG file bytes, label), ...] (b samples) -> (the b files packed, labels int64 [b]); for
     `augment_on: gpu`, where decoding and augmentation happen on the GPU (data_loader.gpu_augment)."""
-    return [data for data, _ in samples], torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return PackedFiles.pack([data for data, _ in samples]), torch.tensor([label for _, label in samples],
+                                                                         dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------- PIL augmentations

@@ -32,6 +32,7 @@ from data_loader.folder import ImageFolderLoader
 from data_loader.transforms import (
     MEAN,
     STD,
+    PackedFiles,
     RandomGaussianBlur,
     RandomSolarize,
     UndecodableImageError,
@@ -775,9 +776,10 @@ def test_sigterm_while_prefetching_saves_and_resumes_exactly(data, tmp_path):
 
 
 def test_gpu_augmentation_loaders_yield_files_and_refuse_evaluation(data, tmp_path, capsys):
-    loader = web(data.pattern("train"), 24, 8, 12, transform_type="dino", n_augs=2, augment_on="gpu")
-    files, labels = next(iter(loader))
-    assert len(files) == 12 and all(isinstance(f, bytes) and f[:2] in (b"\xff\xd8", b"\x89P") for f in files)
+    loader = web(data.pattern("train"), 24, 8, 12, transform_type="dino", n_augs=2, augment_on="gpu", num_workers=1)
+    files, labels = next(iter(loader))  # one buffer for the batch's files, read by a worker process
+    assert isinstance(files, PackedFiles) and files.data.dtype == torch.uint8 and len(files) == 12
+    assert all(bytes(files[i][:2].numpy()) in (b"\xff\xd8", b"\x89P") for i in range(12))
     assert labels.shape == (12,)
     with pytest.raises(ConfigError, match="augment_on: 'gpu' is for training loaders"):
         web(data.pattern("val"), 13, 0, 4, train=False, transform_type="dino", n_augs=2, augment_on="gpu")

@@ -309,11 +309,26 @@ def test_decode_batch_takes_cmyk_and_png_through_pil():
     assert torch.equal(decoded[3], image)  # the PNG is lossless
 
 
+def test_packed_files_round_trip_and_decode_like_bytes():
+    """A worker packs a batch's files into one buffer (PackedFiles); unpacking gives views of it,
+    and decode_batch takes packed files, bytes or tensors alike."""
+    files = [jpeg_bytes(smooth_image(60, 80, seed=i)) for i in range(3)]
+    packed = ga.PackedFiles.pack(files)
+    assert len(packed) == 3 and packed.data.numel() == sum(map(len, files))
+    assert [bytes(t.numpy()) for t in packed.unpack()] == files == [bytes(packed[i].numpy()) for i in range(3)]
+    assert all(t.untyped_storage().data_ptr() == packed.data.untyped_storage().data_ptr() for t in packed.unpack())
+    assert [bytes(t.numpy()) for t in ga.PackedFiles.pack([b"ab", b"", b"c"]).unpack()] == [b"ab", b"", b"c"]
+    as_bytes = ga.decode_batch(files, "cpu")
+    for other in (ga.decode_batch(packed, "cpu"), ga.decode_batch(packed.unpack(), "cpu")):
+        assert all(torch.equal(a, b) for a, b in zip(as_bytes, other))
+
+
 def test_decode_batch_names_the_corrupt_image():
     good = jpeg_bytes(smooth_image(64, 64))
-    with pytest.raises(ga.BatchDecodeError, match="image 2 of the batch") as err:
-        ga.decode_batch([good, good, good[: len(good) // 3], good], "cpu")
-    assert err.value.index == 2
+    for files in ([good, good, good[: len(good) // 3], good], ga.PackedFiles.pack([good, good, b"not an image", good])):
+        with pytest.raises(ga.BatchDecodeError, match="image 2 of the batch") as err:
+            ga.decode_batch(files, "cpu")
+        assert err.value.index == 2
 
 
 def test_gpu_views_makes_a_training_batch():

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data_loader.base import batch_generator
-from data_loader.gpu_augment import BatchDecodeError, gpu_views
+from data_loader.gpu_augment import BatchDecodeError, ImageFiles, file_tensors, gpu_views
 from data_loader.prefetch import Prefetcher
 from trainer.checkpoint import load_module_state, rng_state, save_checkpoint, set_rng_state, unwrap
 from trainer.precision import Precision
@@ -236,11 +236,11 @@ class Trainer:
         scaler.update()
         return loss, info, grad_norm
 
-    def _gpu_views(self, files: list[bytes], labels: torch.Tensor, epoch: int, step: int) -> list[torch.Tensor]:
+    def _gpu_views(self, files: ImageFiles, labels: torch.Tensor, epoch: int, step: int) -> list[torch.Tensor]:
         """`augment_on: gpu`: decode the batch's JPEG files and augment them on the device, with
         randomness that depends only on (seed, epoch, step, rank). An undecodable file is replaced
         by a copy of another file of the batch, so that every process keeps its batch size."""
-        files = list(files)
+        files = file_tensors(files)
         for _ in range(len(files)):
             gen = batch_generator(self.data_seed + 2, epoch, step, self.proc.rank)
             try:
