@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import socket
 import time
 
 import torch
@@ -26,14 +25,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from bench.train_throughput import build
+from utils.dist import free_port
 
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_step(model: nn.Module, views: list[torch.Tensor]) -> None:

@@ -266,13 +266,14 @@ def resize_taps(start: torch.Tensor, length: torch.Tensor, size: int, bicubic: b
     factor (antialiased) and the weights normalised inside the crop. start, length `[B]` int64 on
     the CPU -> index `[B, size, T]` int64, weight `[B, size, T]` float32, both on `device`; taps
     outside the crop have weight 0. T comes from the CPU lengths, so nothing waits for the device."""
-    support = (2.0 if bicubic else 1.0) * max(float(length.max()) / size, 1.0)
+    radius = 2.0 if bicubic else 1.0  # the filter's support at scale 1
+    support = radius * max(float(length.max()) / size, 1.0)
     taps = math.ceil(2 * support) + 2
     start, length = to_device(start, device), to_device(length, device)
     step = (length.float() / size)[:, None, None]  # [B, 1, 1] input pixels per output pixel
     centre = (torch.arange(size, dtype=torch.float32, device=device)[None, :, None] + 0.5) * step
     stretch = step.clamp(min=1.0)
-    first = torch.floor(centre - (2.0 if bicubic else 1.0) * stretch - 0.5)  # [B, size, 1]
+    first = torch.floor(centre - radius * stretch - 0.5)  # [B, size, 1]
     pos = first + torch.arange(taps, dtype=torch.float32, device=device)  # [B, size, T], relative to start
     weight = _filter((pos + 0.5 - centre) / stretch, bicubic) * ((pos >= 0) & (pos < length[:, None, None]))
     weight = weight / weight.sum(-1, keepdim=True)
@@ -420,17 +421,14 @@ def jitter_step(x: torch.Tensor, step: int, factor: torch.Tensor) -> torch.Tenso
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
                  applied: torch.Tensor | None = None) -> torch.Tensor:
-    """torchvision's ColorJitter per sample, in place: `[n, 3, H, W]`, factors `[n, 4]` (on x's
-    device), order `[n, 4]` (each sample's permutation of the 4 steps, on the CPU), `applied` `[n]`
-    bool on the CPU (default all) -> x. The samples of each step are found on the CPU, so nothing
-    waits for the GPU."""
+    """torchvision's ColorJitter per sample, in place: `[n, 3, H, W]`, factors `[n, 4]`, order `[n, 4]`
+    (each sample's permutation of the 4 steps) and `applied` `[n]` bool (default all), all three on
+    the CPU -> x. The samples of each step are found on the CPU, so nothing waits for the GPU."""
     applied = torch.ones(len(order), dtype=torch.bool) if applied is None else applied
     for position in range(4):
         for step in range(4):
-            idx = ((order[:, position] == step) & applied).nonzero()[:, 0]
-            if len(idx):
-                idx = to_device(idx, x.device)
-                x[idx] = jitter_step(x[idx], step, factors[idx, step])
+            x = _on_subset(x, (order[:, position] == step) & applied,
+                           lambda y, f, step=step: jitter_step(y, step, f), factors[:, step])
     return x
 
 
@@ -469,7 +467,7 @@ def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -> 
 def colour_view(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
     """The steps after the crop, in the recipes' order: jitter, grayscale, blur, solarisation;
     `[n, 3, S, S]` in [0, 1] -> the same tensor, changed in place (`p` on the CPU)."""
-    x = color_jitter(x, to_device(p.factors, x.device), p.order, p.jitter)
+    x = color_jitter(x, p.factors, p.order, p.jitter)
     x = _on_subset(x, p.gray, lambda y: grayscale(y).expand_as(y))
     x = _on_subset(x, p.blur, gaussian_blur, p.sigma)
     # PIL inverts the uint8 pixels >= 128, i.e. the float pixels that round to 128 or more

@@ -14,7 +14,6 @@ import json
 import logging
 import multiprocessing
 import pickle
-import socket
 import subprocess
 import sys
 import tarfile
@@ -42,6 +41,7 @@ from data_loader.transforms import (
 from data_loader.webdata import WebLoader, balanced_part
 from preprocessing import create_tar_webdataset as shards_script
 from utils.config import ConfigError, build_block, check_block
+from utils.dist import free_port
 from utils.logging import get_logger
 from utils.registry import DATALOADERS
 
@@ -557,12 +557,6 @@ def test_folder_evaluation_stops_at_a_corrupt_image(corrupt):
 
 
 # ----------------------------------------------------------------------------- two gloo processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_pass(loader) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from torch import nn
 
 from model.loss import GroCo, NT_Xent, NT_XentAllCombinations
 from trainer.checkpoint import load_checkpoint
-from utils.dist import LaunchError, init_process
+from utils.dist import LaunchError, free_port, init_process
 
 from .conftest import QUICKSTART, ROOT, only_run_dir
 
@@ -33,12 +32,6 @@ LOSSES = {
     "nt_xent_all_combinations": lambda d: NT_XentAllCombinations(distributed=d, n_augs=3, temperature=0.1),
 }
 VIEWS = {"groco_full_grad": 3, "groco_multicrop": 4, "nt_xent_all_combinations": 3}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_model() -> nn.Module:

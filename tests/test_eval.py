@@ -8,7 +8,6 @@ import copy
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ from trainer.knn import KNNEvaluator, knn_counts
 from trainer.linear_probe import LinearProbingEvaluator
 from trainer.setup import build_encoder
 from utils.cli import build_parser, resolve_config
+from utils.dist import free_port
 from utils.schema import validate
 
 from .conftest import QUICKSTART, ROOT, last_json_line, run_eval
@@ -392,12 +392,6 @@ def two_process_worker(rank: int, world: int, port: int, root: str, out: str) ->
         Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_count_an_odd_val_set_once(tmp_path, image_root):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,13 @@ class ProcessInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a rendezvous of processes on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def is_distributed() -> bool:
