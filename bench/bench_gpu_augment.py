@@ -6,6 +6,8 @@ Encodes `--batch-size` synthetic ImageNet-sized JPEGs (500 x 375 or 375 x 500, b
 photo-like images), then times for `dino` (2 views) and `dino_multicrop` (8 views):
 - decode: `decode_batch` of the whole batch on --device;
 - decode + augment: `gpu_views` on --device (device synchronised before the clock stops);
+- augment only: `gpu_views` of the images decoded beforehand by PIL and packed (pinned on CUDA), as
+  loader workers hand them over with `decode_on: cpu`; the copy to the device is timed too;
 - PIL: decode + the PIL recipe of data_loader.transforms on a Pool of --workers CPU processes.
 It prints samples per second; there is no pass or fail. `--count-ops` also prints the operators
 one batch's augmentation runs (a kernel launch each on a GPU; counted on the CPU as
@@ -25,7 +27,7 @@ import torch
 from bench.bench_loader import synthetic_photo
 from bench.bench_loss import count_ops
 from data_loader.gpu_augment import GpuRecipe, decode_batch, gpu_views
-from data_loader.transforms import build_transform, decode_image
+from data_loader.transforms import PackedImages, build_transform, decode_image, image_array
 
 RECIPES = {"dino": 2, "dino_multicrop": 8}
 
@@ -101,10 +103,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device}, batch {args.batch_size}, {np.mean([len(j) for j in jpegs]) / 1024:.0f} KB per JPEG")
     print(f"decode only: {rate(lambda: decode_batch(jpegs, device), args.batch_size, args.batches, device):.0f} "
           f"samples/s")
+    packed = PackedImages.pack([image_array(decode_image(j, "bench")) for j in jpegs])
+    if device.type == "cuda":
+        packed = packed.pin_memory()  # as the DataLoader pins a batch
     for recipe in args.recipes:
         gpu = GpuRecipe(recipe, RECIPES[recipe])
         fast = rate(lambda gpu=gpu: gpu_views(jpegs, labels, gpu, device, gen), args.batch_size, args.batches, device)
-        line = f"{recipe} ({RECIPES[recipe]} views): decode + augment on {device} {fast:.0f} samples/s"
+        pixels = rate(lambda gpu=gpu: gpu_views(packed, labels, gpu, device, gen), args.batch_size, args.batches,
+                      device)
+        line = (f"{recipe} ({RECIPES[recipe]} views): decode + augment on {device} {fast:.0f} samples/s; "
+                f"augment only (decode_on: cpu) {pixels:.0f} samples/s")
         if args.count_ops:
             images = decode_batch(jpegs, device)
             fresh = torch.Generator().manual_seed(0)  # the count depends on the draws (empty subsets are skipped)

@@ -11,9 +11,11 @@ PIL pipeline fed 712 samples/s on 16 cores for 2 x 224 (SPEC 9).
 
 `--augment-on gpu` times the CPU side of `augment_on: gpu` instead: the workers only read the
 shards and pack the batch's JPEG files into one buffer (decoding and augmentation then happen on
-the GPU), so the recipe does not matter and one line per worker count is printed. Every line also
-gives the CPU time the main (training) process spends per batch receiving it, with all its
-threads: on a GPU machine that time competes with the training step for the interpreter.
+the GPU), so the recipe does not matter and one line per worker count is printed. With
+`--decode-on cpu` too, the workers also decode the files with PIL and pack the pixels
+(`decode_on: cpu`, where the GPU only augments). Every line also gives the CPU time the main
+(training) process spends per batch receiving it, with all its threads: on a GPU machine that time
+competes with the training step for the interpreter.
 """
 
 from __future__ import annotations
@@ -65,13 +67,13 @@ def make_shards(folder: Path, n_images: int, shard_size: int, seed: int = 0) -> 
 
 
 def time_loader(shards: str, recipe: str, workers: int, batch_size: int, batches: int, warmup: int,
-                augment_on: str = "cpu") -> tuple[float, float]:
+                augment_on: str = "cpu", decode_on: str | None = None) -> tuple[float, float]:
     """(samples per second, CPU milliseconds of the training process per batch) of the training
     loader over `batches` batches after `warmup` batches. The second is what receiving a batch from
     the workers costs the process that trains (all its threads; the workers not counted)."""
     loader = WebLoader(LoaderRuntime(), shards, dataset_size=(batches + warmup) * batch_size, shuffle=100,
                        batch_size=batch_size, num_workers=workers, transform_type=recipe, n_augs=RECIPES[recipe],
-                       augment_on=augment_on)
+                       augment_on=augment_on, decode_on=decode_on)
     start = cpu = None
     for step, _ in enumerate(loader):
         if step == warmup - 1:
@@ -89,9 +91,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
     parser.add_argument("--augment-on", choices=("cpu", "gpu"), default="cpu",
                         help="gpu: time only reading and batching the JPEG files (augment_on: gpu)")
+    parser.add_argument("--decode-on", choices=("cpu", "gpu"), default=None,
+                        help="with --augment-on gpu: cpu times the workers decoding the files too (decode_on: cpu)")
     args = parser.parse_args(argv)
     if min(args.workers) < 0 or args.batches < 1 or args.warmup < 1:
         parser.error("--workers must not be negative, --batches and --warmup must be positive")
+    if args.decode_on == "gpu" and args.augment_on == "cpu":
+        parser.error("--decode-on gpu needs --augment-on gpu")
     return args
 
 
@@ -106,11 +112,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         logger.info("%d CPU cores; batch %d, %d timed batches after %d warm-up", os.cpu_count(), args.batch_size,
                     args.batches, args.warmup)
         logger.info("%-16s %8s %14s %16s %22s", "recipe", "workers", "samples/s", "per worker", "main CPU ms/batch")
-        recipes = args.recipes if args.augment_on == "cpu" else ["JPEG bytes only"]
+        recipes = args.recipes
+        if args.augment_on == "gpu":
+            recipes = ["decoded pixels" if args.decode_on == "cpu" else "JPEG bytes only"]
         for recipe in recipes:
             for workers in args.workers:
                 rate, cpu_ms = time_loader(shards, RECIPE_OF_BYTES if args.augment_on == "gpu" else recipe, workers,
-                                           args.batch_size, args.batches, args.warmup, args.augment_on)
+                                           args.batch_size, args.batches, args.warmup, args.augment_on,
+                                           args.decode_on)
                 rows.append({"recipe": recipe, "workers": workers, "samples_per_s": rate, "main_cpu_ms": cpu_ms})
                 logger.info("%-16s %8d %14.1f %16.1f %22.1f", recipe, workers, rate, rate / max(workers, 1), cpu_ms)
     return rows

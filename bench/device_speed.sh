@@ -8,7 +8,8 @@
 #              and reduce-overhead, each with the loss's share of the step                 ~5 min
 #   multicrop  the same for 2 x 224 + 6 x 96                                               ~5 min
 #   shards     GPU decode + augmentation alone, then end to end from synthetic JPEG shards:
-#              PIL workers vs augment_on gpu (prefetched)                                 ~9 min
+#              PIL workers vs augment_on gpu (prefetched), the files decoded on the GPU
+#              and by the CPU workers (decode_on cpu)                                     ~9 min
 #   syncbn     does torch.compile keep SyncBatchNorm in its graph under DDP (2 gloo processes
 #              sharing the GPU): graphs, breaks, gradients against eager, ms per step     ~3 min
 # Wheels missing on that machine (webdataset, braceexpand, diffsort, sacred, ...) are carried in .whl/
@@ -48,9 +49,9 @@ for section in "${@:-all}"; do
     echo "== GPU decode + augmentation alone, batch 512 (PIL baseline skipped: measured before)"
     timeout 90 python3 -m bench.bench_gpu_augment --device cuda --workers 0 --batches 5
     echo "== end to end from JPEG shards (synthetic 500 x 375 photos), 16 PIL workers vs augment_on gpu"
-    timeout 270 python3 -m bench.train_throughput --batch 256 --steps 15 --warmup 5 --short --compile-mode default \
+    timeout 290 python3 -m bench.train_throughput --batch 256 --steps 15 --warmup 5 --short --compile-mode default \
       --make-shards 3072 --workers 16
-    timeout 220 python3 -m bench.train_throughput --batch 256 --steps 10 --warmup 4 --short --compile-mode default \
+    timeout 200 python3 -m bench.train_throughput --batch 256 --steps 10 --warmup 4 --short --compile-mode default \
       --make-shards 1536 --workers 16 --multicrop
   fi
   if [[ $section == syncbn || $section == all ]]; then

@@ -12,9 +12,10 @@ on ResNet-50 with 2 x 224 views, or 2 x 224 + 6 x 96 with `--multicrop`.
 Prints, per path: samples/s, peak GPU memory and, with synthetic images, the loss's share of the
 step: the same step with a trivial loss (mean square of the embeddings) is timed too, and the share
 is 1 - t_trivial / t_step, so it counts the loss as it runs inside the step (compiled or not). In
-real-data mode the reference-style path reads through the PIL recipe on CPU workers and ours
-decodes and augments on the GPU (`augment_on: gpu`), one batch ahead on a side stream as the
-trainer does. No pass/fail. `--device cpu` runs the same
+real-data mode the reference-style path reads through the PIL recipe on CPU workers, and each of
+ours is timed with every `--decode-on` feed: the files decoded and augmented on the GPU
+(`augment_on: gpu`), and the workers decoding them and the GPU augmenting (`decode_on: cpu`), one
+batch ahead on a side stream as the trainer does. No pass/fail. `--device cpu` runs the same
 code on the CPU (float32, no compile unless asked), for checking the script itself.
 """
 
@@ -87,9 +88,13 @@ def synthetic(batch: int, sizes: list[int], device: torch.device) -> Iterator[li
         yield data
 
 
-def shard_batches(args, n_views: int, device: torch.device, on_gpu: bool) -> Iterator[list[torch.Tensor]]:
-    """Batches from JPEG shards: the PIL recipe on CPU workers (the reference's data path), or with
-    `on_gpu` the files decoded and augmented on the device (`augment_on: gpu`)."""
+FEEDS = {"pil": "", "gpu": ", decoded on the GPU", "cpu": ", decoded by CPU workers"}
+
+
+def shard_batches(args, n_views: int, device: torch.device, feed: str) -> Iterator[list[torch.Tensor]]:
+    """Batches from JPEG shards. `feed`: 'pil', the PIL recipe on CPU workers (the reference's data
+    path); 'gpu', the files decoded and augmented on the device (`augment_on: gpu`); 'cpu', the
+    workers decode the files and the device augments them (`augment_on: gpu, decode_on: cpu`)."""
     from data_loader.base import LoaderRuntime, batch_generator
     from data_loader.gpu_augment import gpu_views
     from data_loader.prefetch import Prefetcher
@@ -98,9 +103,9 @@ def shard_batches(args, n_views: int, device: torch.device, on_gpu: bool) -> Ite
     loader = WebLoader(LoaderRuntime(), args.shards, args.dataset_size, args.shuffle, args.batch,
                        num_workers=args.workers, train=True,
                        transform_type="dino_multicrop" if args.multicrop else "dino", n_augs=n_views,
-                       augment_on="gpu" if on_gpu else "cpu")
+                       augment_on="cpu" if feed == "pil" else "gpu", decode_on="cpu" if feed == "cpu" else None)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    if not on_gpu:
+    if feed == "pil":
         for views, _ in batches:
             yield [v.to(device, non_blocking=True) for v in views]
         return
@@ -169,6 +174,8 @@ def main() -> None:
     p.add_argument("--dataset-size", type=int, default=1281167)
     p.add_argument("--shuffle", type=int, default=10000, help="shuffle buffer of the shard loader")
     p.add_argument("--workers", type=int, default=16)
+    p.add_argument("--decode-on", nargs="+", choices=("gpu", "cpu"), default=["gpu", "cpu"],
+                   help="real-data mode: where our paths decode the JPEG files (each timed)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--sizes", type=int, nargs=2, default=[224, 96], metavar=("GLOBAL", "LOCAL"),
                    help="synthetic view sizes (smaller ones only to check the script quickly)")
@@ -197,23 +204,30 @@ def run(args: argparse.Namespace) -> None:
         forward = torch.compile(net, mode=mode) if mode else net
         compiled_loss = torch.compile(loss_fn, mode=mode) if mode else loss_fn
         cuda_graphs = mode in CUDA_GRAPH_MODES and device.type == "cuda"
-        losses = {"step": compiled_loss}
-        if not args.shards:
-            losses["trivial"] = torch.compile(trivial_loss, mode=mode) if mode else trivial_loss
-        rates, memories = {}, {}
-        for kind, fn in losses.items():
-            step = make_step(net, forward, fn, dtype, channels_last, cuda_graphs)
-            batches = (shard_batches(args, len(sizes), device, data_on_gpu) if args.shards
-                       else synthetic(args.batch, sizes, device))
-            rates[kind], memories[kind] = measure(step, batches, args.steps, args.warmup, args.batch, device)
-            batches.close()  # ends a prefetching thread
-        memory = memories["step"]
-        share = f"loss {1 - rates['step'] / rates['trivial']:6.1%} of the step" if "trivial" in rates else ""
-        mem_text = f"peak {memory:5.1f} GiB" if memory is not None else "peak   n/a    "
-        print(f"{label:52s} {rates['step']:8.0f} samples/s   {mem_text}   {share}", flush=True)
+        if args.shards:
+            step = make_step(net, forward, compiled_loss, dtype, channels_last, cuda_graphs)
+            for feed in args.decode_on if data_on_gpu else ["pil"]:
+                batches = shard_batches(args, len(sizes), device, feed)
+                rate, memory = measure(step, batches, args.steps, args.warmup, args.batch, device)
+                batches.close()  # ends a prefetching thread
+                print(f"{label + FEEDS[feed]:76s} {rate:8.0f} samples/s   {_memory(memory)}", flush=True)
+        else:
+            rates, memories = {}, {}
+            for kind, fn in {"step": compiled_loss, "trivial": torch.compile(trivial_loss, mode=mode) if mode
+                             else trivial_loss}.items():
+                step = make_step(net, forward, fn, dtype, channels_last, cuda_graphs)
+                rates[kind], memories[kind] = measure(step, synthetic(args.batch, sizes, device), args.steps,
+                                                      args.warmup, args.batch, device)
+            share = 1 - rates["step"] / rates["trivial"]
+            print(f"{label:52s} {rates['step']:8.0f} samples/s   {_memory(memories['step'])}   "
+                  f"loss {share:6.1%} of the step", flush=True)
         del net, forward, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _memory(gib: Optional[float]) -> str:
+    return f"peak {gib:5.1f} GiB" if gib is not None else "peak   n/a    "
 
 
 if __name__ == "__main__":

@@ -23,22 +23,19 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from data_loader.base import LoaderRuntime, epoch_generator, eval_shard, per_process_batch, train_indices
-from data_loader.gpu_augment import recipe_for
+from data_loader.gpu_augment import DecodeOn, split_work
 from data_loader.transforms import (
     Batch,
-    MultiView,
     TransformType,
     UndecodableImageError,
-    build_transform,
-    collate_bytes,
-    collate_views,
+    collate_for,
     decode_image,
 )
 from utils.logging import get_logger
@@ -68,11 +65,12 @@ class FolderBatches(Dataset):
 
     Args:
         samples: [(image path, class index)].
-        transform: PIL image -> n_augs x `[3, H, W]`; None: return the file's bytes (augment_on: gpu).
+        transform: the workers' step after decoding: a recipe (PIL image -> n_augs x `[3, H, W]`),
+            `image_array` (-> uint8 `[H, W, 3]`; decode_on: cpu), or None: return the file's bytes (augment_on: gpu).
         training: skip undecodable images (filling the batch up); otherwise they are errors.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], transform: MultiView | None, training: bool):
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable | None, training: bool):
         self.samples, self.transform, self.training = samples, transform, training
         self.skipped = 0  # in this reader (the main process or one worker), this epoch
 
@@ -84,7 +82,7 @@ class FolderBatches(Dataset):
         path, label = self.samples[index]
         with open(path, "rb") as f:
             data = f.read()
-        if self.transform is None:  # augment_on: gpu: the file as it is
+        if self.transform is None:  # augment_on: gpu, decoded there: the file as it is
             return data, label
         return self.transform(decode_image(data, path)), label
 
@@ -101,7 +99,7 @@ class FolderBatches(Dataset):
         if failed:
             self._report(failed, len(indices))
             loaded += [self.load(decoded[k % len(decoded)]) for k in range(len(failed))]
-        return (collate_views if self.transform is not None else collate_bytes)(loaded)
+        return collate_for(self.transform)(loaded)
 
     def _report(self, failed: list[str], batch: int) -> None:
         if len(failed) == batch:
@@ -129,11 +127,13 @@ class ImageFolderLoader:
         augment_on: 'cpu' (decode and augment in the workers) or 'gpu' (training only: the batches
             hold the JPEG files, decoded and augmented on the GPU by the trainer; see
             data_loader.gpu_augment).
+        decode_on: where the images are decoded; by default where they are augmented. 'cpu' with
+            augment_on 'gpu': the workers decode with PIL and hand over the pixels, the GPU augments.
     """
 
     def __init__(self, runtime: LoaderRuntime, root: str, shuffle: bool, batch_size: int, num_workers: int = 0,
                  train: bool = True, transform_type: TransformType = "val", n_augs: int = 1,
-                 augment_on: Literal["cpu", "gpu"] = "cpu"):
+                 augment_on: Literal["cpu", "gpu"] = "cpu", decode_on: DecodeOn = None):
         self.runtime = runtime
         self.root = Path(root)
         self.split = "train" if train else "val"
@@ -142,8 +142,7 @@ class ImageFolderLoader:
         self.global_batch_size = batch_size
         self.batch_size = per_process_batch(batch_size, runtime.world_size)
         self.num_workers = num_workers
-        self.gpu_recipe = recipe_for(augment_on, transform_type, n_augs, self.training)
-        self.transform = None if self.gpu_recipe else build_transform(transform_type, n_augs)
+        self.gpu_recipe, self.transform = split_work(augment_on, decode_on, transform_type, n_augs, self.training)
         self.n_augs = n_augs
         self.epoch = 0
         self.start_step = 0

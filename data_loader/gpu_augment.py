@@ -2,7 +2,9 @@
 
 The PIL recipes of `data_loader.transforms` run per image on CPU workers, which cannot feed a GPU
 (about 700 samples/s on 16 cores). Here the JPEG bytes of a whole batch are decoded on the device
-(`decode_batch`, nvJPEG on CUDA) and every view is made for the whole batch at once by `GpuRecipe`:
+(`decode_batch`, nvJPEG on CUDA), or by the workers with PIL when the loader says `decode_on: cpu`
+(`PackedImages`, copied over in one transfer), and every view is made for the whole batch at once
+by `GpuRecipe`:
 
 - random resized crop: torchvision's `RandomResizedCrop.get_params` per sample, vectorised (10
   attempts of an area fraction uniform in `scale` and a log-uniform aspect ratio, then the
@@ -30,10 +32,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -44,8 +47,11 @@ from data_loader.transforms import (
     N_LOCAL_VIEWS,
     STD,
     PackedFiles,
+    PackedImages,
     UndecodableImageError,
+    build_transform,
     decode_image,
+    image_array,
 )
 from utils.config import ConfigError
 
@@ -534,20 +540,37 @@ class GpuRecipe:
         return self.apply(images, self.sample_params(sizes, generator))
 
 
-def gpu_views(batch_files: ImageFiles, labels: torch.Tensor, recipe: GpuRecipe, device: torch.device | str,
+def gpu_views(batch: ImageFiles | PackedImages, labels: torch.Tensor, recipe: GpuRecipe, device: torch.device | str,
               generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """A loader's undecoded batch -> the trainer's batch: B image files and labels `[B]` ->
-    (n_augs x float32 `[B, 3, S, S]` on `device`, labels int64 `[B]` on `device`).
-    Raises BatchDecodeError (with `.index`) for an undecodable file."""
-    images = decode_batch(batch_files, device)
+    """A loader's batch -> the trainer's batch: B image files (decoded here) or B images decoded by
+    the workers (`PackedImages`, copied in one transfer), and labels `[B]` -> (n_augs x float32
+    `[B, 3, S, S]` on `device`, labels int64 `[B]` on `device`). Raises BatchDecodeError (with
+    `.index`) for an undecodable file."""
+    if isinstance(batch, PackedImages):
+        images = batch.to(device, non_blocking=True).unpack()
+    else:
+        images = decode_batch(batch, device)
     return recipe(images, generator), labels.to(device, non_blocking=True)
 
 
-def recipe_for(augment_on: str, transform_type: str, n_augs: int, training: bool) -> GpuRecipe | None:
-    """The GPU recipe of a loader with `augment_on: gpu` (None for 'cpu'); only training passes
-    augment on the GPU (evaluation loaders hand their batches to the evaluators as they are)."""
+DecodeOn = Optional[Literal["cpu", "gpu"]]
+
+
+def split_work(augment_on: Literal["cpu", "gpu"], decode_on: DecodeOn, transform_type: str, n_augs: int,
+               training: bool) -> tuple[GpuRecipe | None, Callable[[Image.Image], Any] | None]:
+    """What a loader's workers do with each image, and what is left to the trainer's device:
+    (the GPU recipe or None, the workers' step after decoding with PIL, or None when they do not
+    decode). `decode_on` defaults to where `augment_on` says:
+
+    - cpu: the PIL recipe in the workers -> (None, the recipe);
+    - gpu: the files handed over undecoded -> (GpuRecipe, None);
+    - gpu with `decode_on: cpu`: the workers decode, the device augments -> (GpuRecipe, image_array).
+    """
     if augment_on == "cpu":
-        return None
+        if decode_on == "gpu":
+            raise ConfigError("decode_on: 'gpu' needs augment_on: 'gpu' (the CPU recipes augment PIL images)")
+        return None, build_transform(transform_type, n_augs)
     if not training:
         raise ConfigError("augment_on: 'gpu' is for training loaders (train: true with shuffling)")
-    return GpuRecipe(transform_type, n_augs)
+    recipe = GpuRecipe(transform_type, n_augs)
+    return recipe, image_array if decode_on == "cpu" else None

@@ -19,6 +19,7 @@ import dataclasses
 import io
 from typing import Callable, Literal, Sequence, get_args
 
+import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
@@ -49,7 +50,7 @@ def decode_image(data: bytes, source: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes now: a truncated file fails here, not inside a transform
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UndecodableImageError(f"{source}: cannot decode the image ({err})") from err
 
@@ -58,8 +59,7 @@ def collate_views(samples: Sequence[tuple[list[torch.Tensor], int]]) -> Batch:
     """[(views: n_augs x [3, H, W], label), ...] (b samples) -> (n_augs x [b, 3, H, W], labels int64 [b])."""
     n_views = len(samples[0][0])
     views = [torch.stack([views[i] for views, _ in samples]) for i in range(n_views)]
-    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return views, labels
+    return views, _labels(samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +91,66 @@ class PackedFiles:
         return list(self.data.tensor_split(self.ends[:-1]))
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedImages:
+    """The decoded RGB images of a batch in one buffer: `data` uint8 `[sum of H_i W_i 3]` (image i
+    channel-last, as PIL decodes it) and `shapes` int64 `[b, 2]` (H_i, W_i). What loader workers hand
+    over with `augment_on: gpu, decode_on: cpu`: one tensor through shared memory, pinned by the
+    DataLoader (`pin_memory`) and copied to the GPU in one transfer (`to`)."""
+
+    data: torch.Tensor
+    shapes: torch.Tensor
+
+    @staticmethod
+    def pack(images: Sequence[torch.Tensor]) -> PackedImages:
+        """b uint8 images `[H_i, W_i, 3]` -> one buffer."""
+        shapes = torch.tensor([image.shape[:2] for image in images], dtype=torch.int64).view(-1, 2)
+        data = torch.cat([image.reshape(-1) for image in images]) if images else torch.empty(0, dtype=torch.uint8)
+        return PackedImages(data, shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def pin_memory(self) -> PackedImages:
+        return PackedImages(self.data.pin_memory(), self.shapes)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedImages:
+        return PackedImages(self.data.to(device, non_blocking=non_blocking), self.shapes)
+
+    def unpack(self) -> list[torch.Tensor]:
+        """The b images as uint8 `[3, H_i, W_i]` views of the buffer (channel-last in memory)."""
+        shapes = self.shapes.tolist()
+        parts = self.data.split([h * w * 3 for h, w in shapes])
+        return [part.view(h, w, 3).permute(2, 0, 1) for part, (h, w) in zip(parts, shapes)]
+
+
+def image_array(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> uint8 `[H, W, 3]`: the loader workers' only step with `decode_on: cpu`."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
+
+
 def collate_bytes(samples: Sequence[tuple[bytes, int]]) -> tuple[PackedFiles, torch.Tensor]:
     """[(JPEG file bytes, label), ...] (b samples) -> (the b files packed, labels int64 [b]); for
     `augment_on: gpu`, where decoding and augmentation happen on the GPU (data_loader.gpu_augment)."""
-    return PackedFiles.pack([data for data, _ in samples]), torch.tensor([label for _, label in samples],
-                                                                         dtype=torch.int64)
+    return PackedFiles.pack([data for data, _ in samples]), _labels(samples)
+
+
+def collate_images(samples: Sequence[tuple[torch.Tensor, int]]) -> tuple[PackedImages, torch.Tensor]:
+    """[(uint8 image [H, W, 3], label), ...] (b samples) -> (the b images packed, labels int64 [b]);
+    for `augment_on: gpu, decode_on: cpu`, where the workers decode and the GPU augments."""
+    return PackedImages.pack([image for image, _ in samples]), _labels(samples)
+
+
+def _labels(samples: Sequence[tuple[object, int]]) -> torch.Tensor:
+    return torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+
+def collate_for(transform: Callable | None) -> Callable:
+    """The collate function of a loader whose workers apply `transform` to each decoded image: a
+    recipe (views), `image_array` (decoded images) or None (the files, undecoded)."""
+    if transform is None:
+        return collate_bytes
+    return collate_images if transform is image_array else collate_views
 
 
 # ----------------------------------------------------------------------------- PIL augmentations

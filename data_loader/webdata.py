@@ -32,7 +32,7 @@ import itertools
 import math
 import pickle
 import random
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import braceexpand
 import torch
@@ -40,15 +40,12 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_loader.base import LoaderRuntime, epoch_generator, per_process_batch
-from data_loader.gpu_augment import recipe_for
+from data_loader.gpu_augment import DecodeOn, split_work
 from data_loader.transforms import (
     Batch,
-    MultiView,
     TransformType,
     UndecodableImageError,
-    build_transform,
-    collate_bytes,
-    collate_views,
+    collate_for,
     decode_image,
 )
 from utils.config import ConfigError
@@ -77,7 +74,8 @@ class ShardStream(IterableDataset):
 
     Args:
         urls: this process's shards, in reading order.
-        transform: PIL image -> n_augs x `[3, H, W]`; None: yield the JPEG bytes (augment_on: gpu).
+        transform: the workers' step after decoding: a recipe (PIL image -> n_augs x `[3, H, W]`),
+            `image_array` (-> uint8 `[H, W, 3]`; decode_on: cpu), or None: yield the JPEG bytes (augment_on: gpu).
         batch_size: the per-process batch.
         training: stream the shards endlessly, skip undecodable images, yield full batches only;
             otherwise one pass, undecodable images are errors, the last batch of a worker may be short.
@@ -85,7 +83,7 @@ class ShardStream(IterableDataset):
         seed_key: a string naming (seed, epoch, rank); the worker id is added to seed the buffer.
     """
 
-    def __init__(self, urls: list[str], transform: MultiView | None, batch_size: int, training: bool, shuffle: int,
+    def __init__(self, urls: list[str], transform: Callable | None, batch_size: int, training: bool, shuffle: int,
                  seed_key: str):
         super().__init__()
         self.urls, self.transform, self.batch_size = urls, transform, batch_size
@@ -99,7 +97,7 @@ class ShardStream(IterableDataset):
         samples = endless_samples(urls, rng) if self.training else wds.tarfile_samples([{"url": u} for u in urls])
         if self.shuffle > 0:
             samples = wds.shuffle(self.shuffle, rng=rng)(samples)
-        collate = collate_views if self.transform is not None else collate_bytes
+        collate = collate_for(self.transform)
         batches = wds.batched(self.batch_size, collation_fn=collate, partial=not self.training)
         return iter(batches(self._transformed(samples)))
 
@@ -108,7 +106,7 @@ class ShardStream(IterableDataset):
         skipped = 0
         for sample in samples:
             data, label, where = sample_fields(sample)
-            if self.transform is None:  # augment_on: gpu
+            if self.transform is None:  # augment_on: gpu, decoded there
                 yield data, label
                 continue
             try:
@@ -156,11 +154,13 @@ class WebLoader:
         augment_on: 'cpu' (decode and augment in the workers) or 'gpu' (training only: the batches
             hold the JPEG files, decoded and augmented on the GPU by the trainer; see
             data_loader.gpu_augment).
+        decode_on: where the images are decoded; by default where they are augmented. 'cpu' with
+            augment_on 'gpu': the workers decode with PIL and hand over the pixels, the GPU augments.
     """
 
     def __init__(self, runtime: LoaderRuntime, shards: str, dataset_size: int, shuffle: int, batch_size: int,
                  num_workers: int = 0, train: bool = True, transform_type: TransformType = "val", n_augs: int = 1,
-                 augment_on: Literal["cpu", "gpu"] = "cpu"):
+                 augment_on: Literal["cpu", "gpu"] = "cpu", decode_on: DecodeOn = None):
         self.runtime = runtime
         self.urls = list(braceexpand.braceexpand(shards))
         self.dataset_size = dataset_size
@@ -169,8 +169,7 @@ class WebLoader:
         self.batch_size = per_process_batch(batch_size, runtime.world_size)
         self.num_workers = num_workers
         self.training = train and shuffle > 0
-        self.gpu_recipe = recipe_for(augment_on, transform_type, n_augs, self.training)
-        self.transform = None if self.gpu_recipe else build_transform(transform_type, n_augs)
+        self.gpu_recipe, self.transform = split_work(augment_on, decode_on, transform_type, n_augs, self.training)
         self.n_augs = n_augs
         self.epoch = 0
         self.start_step = 0

@@ -48,15 +48,18 @@ def test_train_throughput_synthetic_multicrop():
     assert all(re.search(r"\d+ samples/s .* loss +-?[\d.]+% of the step", r) for r in rows), out
 
 
-@pytest.mark.parametrize("augment_on,recipes", [("cpu", ["dino"]), ("gpu", ["JPEG bytes only"])])
-def test_bench_loader_times_real_shards(augment_on, recipes):
+@pytest.mark.parametrize("modes,recipe", [(["--augment-on", "cpu"], "dino"),
+                                          (["--augment-on", "gpu"], "JPEG bytes only"),
+                                          (["--augment-on", "gpu", "--decode-on", "cpu"], "decoded pixels")])
+def test_bench_loader_times_real_shards(modes, recipe):
     """The loader bench shards real JPEGs and times the loader; with --augment-on gpu only the
-    reading and batching of the files (what the CPU still does under augment_on: gpu)."""
+    reading and batching of the files (what the CPU still does under augment_on: gpu), and with
+    --decode-on cpu their decoding too."""
     from bench import bench_loader
 
     rows = bench_loader.main(["--workers", "1", "--batches", "2", "--batch-size", "8", "--images", "24",
-                              "--recipes", "dino", "--augment-on", augment_on])
-    assert [(r["recipe"], r["workers"]) for r in rows] == [(recipes[0], 1)]
+                              "--recipes", "dino", *modes])
+    assert [(r["recipe"], r["workers"]) for r in rows] == [(recipe, 1)]
     assert rows[0]["samples_per_s"] > 0 and rows[0]["main_cpu_ms"] >= 0
 
 
@@ -74,6 +77,7 @@ def test_syncbn_compile_probe_runs():
 def test_bench_gpu_augment_counts_operators():
     out = run_module("bench.bench_gpu_augment", "--device", "cpu", "--batch-size", "4", "--batches", "1",
                      "--workers", "1", "--recipes", "dino_multicrop", "--count-ops")
-    line = re.search(r"dino_multicrop \(8 views\): decode \+ augment on cpu [\d.]+ samples/s; (\d+) operators per "
-                     r"batch; PIL on 1 processes [\d.]+ samples/s", out)
+    line = re.search(r"dino_multicrop \(8 views\): decode \+ augment on cpu [\d.]+ samples/s; augment only "
+                     r"\(decode_on: cpu\) [\d.]+ samples/s; (\d+) operators per batch; PIL on 1 processes "
+                     r"[\d.]+ samples/s", out)
     assert line and int(line[1]) > 0, out

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
 from data_loader.base import LoaderRuntime
 from data_loader.folder import ImageFolderLoader
@@ -32,6 +33,7 @@ from data_loader.transforms import (
     MEAN,
     STD,
     PackedFiles,
+    PackedImages,
     RandomGaussianBlur,
     RandomSolarize,
     UndecodableImageError,
@@ -712,18 +714,26 @@ def test_train_one_epoch_from_shards_with_gpu_augmentation(data, tmp_path):
     assert "knn@3_online" in results["final"]
     _, again = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "gpu_aug_again")
     assert [s["loss"] for s in again] == [s["loss"] for s in steps]
+    # decode_on cpu: the workers decode with PIL (libjpeg-turbo, as torchvision on the CPU), so the
+    # trainer gets the same pixels and the run the same losses
+    train, bank, val = shard_blocks(data, augment_on="gpu", decode_on="cpu")
+    _, decoded_by_workers = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "gpu_aug_cpu_decode")
+    assert [s["loss"] for s in decoded_by_workers] == [s["loss"] for s in steps]
 
 
 def test_train_throughput_bench_reads_real_shards(data):
     """The bench's real-data mode: the reference-style path through the PIL recipe on a worker, ours
-    decoding and augmenting on the device (the CPU here), each printing its samples/s."""
+    augmenting on the device (the CPU here) the files it decodes or the worker decoded, each
+    printing its samples/s."""
     done = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--device", "cpu", "--arch", "resnet18",
                            "--batch", "12", "--steps", "1", "--warmup", "1", "--compile-mode", "--workers", "1",
                            "--shards", data.pattern("train"), "--dataset-size", "24", "--shuffle", "8"],
                           cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if "samples/s" in line]
-    assert len(rows) == 3 and rows[0].startswith("reference-style") and "of the step" not in done.stdout
+    assert len(rows) == 5 and rows[0].startswith("reference-style") and "of the step" not in done.stdout
+    feeds = [r.split("  ")[0].rsplit(", ", 1)[-1] for r in rows[1:]]
+    assert feeds == ["decoded on the GPU", "decoded by CPU workers"] * 2
 
 
 def test_sigterm_while_prefetching_saves_and_resumes_exactly(data, tmp_path):
@@ -791,3 +801,29 @@ def test_gpu_augmentation_loaders_yield_files_and_refuse_evaluation(data, tmp_pa
     _, steps = run_one_epoch(small_config(train, bank, val, tmp_path), tmp_path, "gpu_aug_corrupt")
     assert len(steps) == 1 and np.isfinite(steps[0]["loss"])
     assert "another image of the batch takes its place" in capsys.readouterr().err
+
+
+def test_loaders_decoding_for_the_gpu_hand_over_packed_pixels(data, corrupt, warnings_of_groco):
+    """`augment_on: gpu, decode_on: cpu`: the workers decode every file as the PIL recipes do (CMYK,
+    grey and PNG included) and hand a batch over as one uint8 buffer; an undecodable file is handled
+    as in the PIL recipes' path (skipped from shards, replaced in folders)."""
+    loader = web(data.pattern("train"), 24, 8, 12, transform_type="dino", n_augs=2, augment_on="gpu",
+                 decode_on="cpu", num_workers=1)
+    assert loader.gpu_recipe is not None
+    images, labels = next(iter(loader))
+    assert isinstance(images, PackedImages) and images.data.dtype == torch.uint8 and labels.shape == (12,)
+    assert images.data.numel() == int(images.shapes.prod(1).sum()) * 3
+    files, _ = next(iter(web(data.pattern("train"), 24, 8, 12, transform_type="dino", n_augs=2, augment_on="gpu",
+                             num_workers=1)))  # the same stream, undecoded
+    for pixels, file in zip(images.unpack(), files.unpack()):
+        assert pixels.shape[0] == 3 and torch.equal(pixels, pil_to_tensor(decode_image(bytes(file.numpy()), "x")))
+    with pytest.raises(ConfigError, match="decode_on: 'gpu' needs augment_on: 'gpu'"):
+        web(data.pattern("train"), 24, 8, 12, transform_type="dino", n_augs=2, decode_on="gpu")
+    with pytest.raises(ConfigError, match="augment_on: 'gpu' is for training loaders"):
+        web(data.pattern("val"), 13, 0, 4, train=False, transform_type="dino", n_augs=2, augment_on="gpu",
+            decode_on="cpu")
+    [(images, labels)] = list(folder(corrupt.raw, True, 11, transform_type="dino", n_augs=2, augment_on="gpu",
+                                     decode_on="cpu"))
+    assert len(images) == len(labels) == 11  # the broken file's place taken by another image
+    [record] = [r for r in warnings_of_groco.records if "undecodable" in r.getMessage()]
+    assert "c2_0107.JPEG" in record.getMessage()

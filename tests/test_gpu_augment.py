@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from data_loader import gpu_augment as ga
-from data_loader.transforms import MEAN, STD
+from data_loader.transforms import MEAN, STD, PackedImages, decode_image, image_array
 from utils.config import ConfigError
 
 N = 20_000  # samples per statistic: a rate's standard deviation is at most 0.0035
@@ -336,6 +336,48 @@ def test_gpu_views_makes_a_training_batch():
     views, labels = ga.gpu_views(data, torch.tensor([4, 1, 7]), ga.GpuRecipe("dino", 2), "cpu",
                                  torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in views] == [(3, 3, 224, 224)] * 2 and labels.tolist() == [4, 1, 7]
+
+
+def test_packed_images_round_trip_and_give_the_views_of_the_files():
+    """`decode_on: cpu`: the workers' decoded images in one buffer (PackedImages); unpacking gives
+    `[3, H, W]` views of it, and the recipe makes from them the views it makes from the files."""
+    images = [smooth_image(375, 500, seed=0), smooth_image(500, 333, seed=1), smooth_image(64, 48, seed=2)]
+    files = [jpeg_bytes(im) for im in images]
+    decoded = [image_array(decode_image(f, "x")) for f in files]  # [H, W, 3], as a worker makes them
+    packed = PackedImages.pack(decoded)
+    assert len(packed) == 3 and packed.shapes.tolist() == [[375, 500], [500, 333], [64, 48]]
+    unpacked = packed.unpack()
+    for image, hwc in zip(unpacked, decoded):
+        assert image.shape == (3, *hwc.shape[:2]) and torch.equal(image, hwc.permute(2, 0, 1))
+        assert image.untyped_storage().data_ptr() == packed.data.untyped_storage().data_ptr()
+    assert len(PackedImages.pack([])) == 0 and PackedImages.pack([]).unpack() == []
+    recipe = ga.GpuRecipe("dino_multicrop", 8)
+    from_pixels, labels = ga.gpu_views(packed, torch.tensor([3, 1, 2]), recipe, "cpu", torch.Generator().manual_seed(5))
+    from_files, _ = ga.gpu_views(files, torch.tensor([3, 1, 2]), recipe, "cpu", torch.Generator().manual_seed(5))
+    assert labels.tolist() == [3, 1, 2]
+    for a, b in zip(from_pixels, from_files):  # PIL and torchvision decode alike on the CPU (libjpeg-turbo)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_views_of_pinned_packed_images_without_waiting():
+    """`decode_on: cpu` on CUDA: the pinned buffer goes over in one copy and the views are made
+    without waiting for the GPU; they equal the CPU's views within the float16 resize."""
+    decoded = [image_array(decode_image(jpeg_bytes(smooth_image(375, 500, seed=i)), "x")) for i in range(6)]
+    packed = PackedImages.pack(decoded).pin_memory()
+    assert packed.data.is_pinned()
+    recipe = ga.GpuRecipe("dino", 2)
+    ga.gpu_views(packed, torch.arange(6), recipe, "cuda", torch.Generator().manual_seed(0))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cuda, _ = ga.gpu_views(packed, torch.arange(6), recipe, "cuda", torch.Generator().manual_seed(1))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu, _ = ga.gpu_views(packed, torch.arange(6), recipe, "cpu", torch.Generator().manual_seed(1))
+    for a, b in zip(cpu, cuda):
+        assert b.is_cuda and (a - b.cpu()).abs().mean() < 0.01
 
 
 @pytest.mark.gpu

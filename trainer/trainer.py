@@ -23,6 +23,7 @@ from tqdm import tqdm
 from data_loader.base import batch_generator
 from data_loader.gpu_augment import BatchDecodeError, ImageFiles, file_tensors, gpu_views
 from data_loader.prefetch import Prefetcher
+from data_loader.transforms import PackedImages
 from trainer.checkpoint import load_module_state, rng_state, save_checkpoint, set_rng_state, unwrap
 from trainer.precision import Precision
 from trainer.preemption import Preempted, StopSignal
@@ -236,15 +237,20 @@ class Trainer:
         scaler.update()
         return loss, info, grad_norm
 
-    def _gpu_views(self, files: ImageFiles, labels: torch.Tensor, epoch: int, step: int) -> list[torch.Tensor]:
-        """`augment_on: gpu`: decode the batch's JPEG files and augment them on the device, with
-        randomness that depends only on (seed, epoch, step, rank). An undecodable file is replaced
-        by a copy of another file of the batch, so that every process keeps its batch size."""
-        files = file_tensors(files)
+    def _gpu_views(self, batch: ImageFiles | PackedImages, labels: torch.Tensor, epoch: int,
+                   step: int) -> list[torch.Tensor]:
+        """`augment_on: gpu`: decode the batch's JPEG files (unless the workers did: `decode_on:
+        cpu`) and augment them on the device, with randomness that depends only on (seed, epoch,
+        step, rank). An undecodable file is replaced by a copy of another file of the batch, so
+        that every process keeps its batch size."""
+        recipe, device = self.loader.gpu_recipe, self.proc.device
+        seed = (self.data_seed + 2, epoch, step, self.proc.rank)
+        if isinstance(batch, PackedImages):  # decoded already
+            return gpu_views(batch, labels, recipe, device, batch_generator(*seed))[0]
+        files = file_tensors(batch)
         for _ in range(len(files)):
-            gen = batch_generator(self.data_seed + 2, epoch, step, self.proc.rank)
             try:
-                return gpu_views(files, labels, self.loader.gpu_recipe, self.proc.device, gen)[0]
+                return gpu_views(files, labels, recipe, device, batch_generator(*seed))[0]
             except BatchDecodeError as err:
                 log.warning("epoch %d, step %d: %s; a copy of another image of the batch takes its place",
                             epoch, step, err)
