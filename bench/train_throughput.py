@@ -182,7 +182,9 @@ def main() -> None:
     args = p.parse_args()
     if args.make_shards:
         with tempfile.TemporaryDirectory() as tmp:
-            args.shards = make_shards(Path(tmp), args.make_shards, shard_size=256)
+            # two shards per worker at least: the training loader gives every worker shards of its own
+            shard_size = max(1, min(256, args.make_shards // (2 * max(1, args.workers))))
+            args.shards = make_shards(Path(tmp), args.make_shards, shard_size=shard_size)
             args.dataset_size = args.make_shards
             run(args)
     else:

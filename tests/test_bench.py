@@ -63,6 +63,14 @@ def test_bench_loader_times_real_shards(modes, recipe):
     assert rows[0]["samples_per_s"] > 0 and rows[0]["main_cpu_ms"] >= 0
 
 
+def test_train_throughput_makes_shards_for_every_worker():
+    """`--make-shards N --workers W` (the device script's end-to-end run) writes enough shards for W
+    workers to read shards of their own, and times a path on them."""
+    out = run_module("bench.train_throughput", "--device", "cpu", "--arch", "resnet18", "--batch", "12", "--steps", "1",
+                     "--warmup", "1", "--short", "--compile-mode", "--make-shards", "24", "--workers", "3")
+    assert re.search(r"reference-style \(fp16, NCHW\) +[\d.]+ samples/s", out), out
+
+
 def test_syncbn_compile_probe_runs():
     """The SyncBatchNorm-under-compile probe (plain BatchNorm on the CPU) trains two gloo processes
     eagerly and compiled and reports graphs, breaks, the gradient difference and step times."""
