@@ -31,13 +31,14 @@ so the views depend only on the generator's seed, not on the device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 from data_loader.transforms import (
@@ -61,6 +62,8 @@ LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 BLUR_RADIUS = 6  # 3 sigma at the largest sigma (2): 13 taps
 MAX_CANVAS_ELEMENTS = 2**28  # pixel values of one padded group of decoded images (512 MiB in float16)
 WINDOW_FRACTION = 0.5  # crop_window: resize from a window of the canvas when it is at most this part
+NO_JPEG_DECODER = ("augment_on: 'gpu' decodes with torchvision.io.decode_jpeg, which torchvision {} does not have; "
+                   "set decode_on: 'cpu' to decode in the loader workers")
 
 
 class BatchDecodeError(UndecodableImageError):
@@ -114,6 +117,16 @@ def file_tensors(files: ImageFiles) -> list[torch.Tensor]:
     return [f if isinstance(f, torch.Tensor) else torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
 
 
+def jpeg_decoder() -> Callable | None:
+    """torchvision's `decode_jpeg` to RGB (batched, nvJPEG on CUDA): `(data, device=...)`; or None
+    where torchvision no longer has it (0.29 deprecated its decoders in favour of TorchCodec)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
+
+
 def decode_batch(files: ImageFiles, device: torch.device | str) -> list[torch.Tensor]:
     """Decode a batch's image files on `device` (nvJPEG, batched, on CUDA): B files (packed, bytes or
     uint8 tensors) -> B x uint8 `[3, H_i, W_i]`.
@@ -123,18 +136,21 @@ def decode_batch(files: ImageFiles, device: torch.device | str) -> list[torch.Te
     recipes decode them, and copied over. Raises BatchDecodeError naming the index of the first file
     that neither decodes (a truncated file, say).
     """
+    decode_jpeg = jpeg_decoder()
+    if decode_jpeg is None:
+        raise RuntimeError(NO_JPEG_DECODER.format(torchvision.__version__))
     tensors = file_tensors(files)
     buffers = [memoryview(t.numpy()) for t in tensors]  # the headers are read without a copy
     images: list[torch.Tensor | None] = [None] * len(tensors)
     on_device = [i for i, b in enumerate(buffers) if jpeg_components(b) in (1, 3)]
     data = [tensors[i] for i in on_device]
     try:
-        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
+        decoded = decode_jpeg(data, device=device) if data else []
     except RuntimeError:  # the batched call fails as a whole: one by one, to find the file
         decoded = []
         for i, one in zip(on_device, data):
             try:
-                decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+                decoded.append(decode_jpeg(one, device=device))
             except RuntimeError:
                 decoded.append(_decode_on_cpu(bytes(buffers[i]), i, device))
     for i, image in zip(on_device, decoded):
@@ -573,4 +589,6 @@ def split_work(augment_on: Literal["cpu", "gpu"], decode_on: DecodeOn, transform
     if not training:
         raise ConfigError("augment_on: 'gpu' is for training loaders (train: true with shuffling)")
     recipe = GpuRecipe(transform_type, n_augs)
+    if decode_on != "cpu" and jpeg_decoder() is None:
+        raise ConfigError(NO_JPEG_DECODER.format(torchvision.__version__))
     return recipe, image_array if decode_on == "cpu" else None

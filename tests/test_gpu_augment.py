@@ -359,6 +359,22 @@ def test_packed_images_round_trip_and_give_the_views_of_the_files():
         assert torch.equal(a, b)
 
 
+def test_a_torchvision_without_jpeg_decoding_asks_for_decode_on_cpu(monkeypatch):
+    """torchvision 0.29 deprecated its decoders for TorchCodec: where a later version has none, a GPU
+    recipe that would decode on the device is a config error that says what to set instead."""
+    import torchvision.io
+
+    assert ga.jpeg_decoder() is not None  # this torchvision has one
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")
+    assert ga.jpeg_decoder() is None
+    with pytest.raises(ConfigError, match="set decode_on: 'cpu'"):
+        ga.split_work("gpu", None, "dino", 2, training=True)
+    with pytest.raises(RuntimeError, match="set decode_on: 'cpu'"):
+        ga.decode_batch([jpeg_bytes(smooth_image(8, 8))], "cpu")
+    recipe, transform = ga.split_work("gpu", "cpu", "dino", 2, training=True)
+    assert isinstance(recipe, ga.GpuRecipe) and transform is image_array
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_views_of_pinned_packed_images_without_waiting():
