@@ -66,7 +66,8 @@ class FolderBatches(Dataset):
     Args:
         samples: [(image path, class index)].
         transform: the workers' step after decoding: a recipe (PIL image -> n_augs x `[3, H, W]`),
-            `image_array` (-> uint8 `[H, W, 3]`; decode_on: cpu), or None: return the file's bytes (augment_on: gpu).
+            `image_array` (-> uint8 `[H, W, 3]`; decode_on: cpu), or None: return the file's bytes
+            (augment_on: gpu).
         training: skip undecodable images (filling the batch up); otherwise they are errors.
     """
 

@@ -75,7 +75,8 @@ class ShardStream(IterableDataset):
     Args:
         urls: this process's shards, in reading order.
         transform: the workers' step after decoding: a recipe (PIL image -> n_augs x `[3, H, W]`),
-            `image_array` (-> uint8 `[H, W, 3]`; decode_on: cpu), or None: yield the JPEG bytes (augment_on: gpu).
+            `image_array` (-> uint8 `[H, W, 3]`; decode_on: cpu), or None: yield the JPEG bytes
+            (augment_on: gpu).
         batch_size: the per-process batch.
         training: stream the shards endlessly, skip undecodable images, yield full batches only;
             otherwise one pass, undecodable images are errors, the last batch of a worker may be short.
