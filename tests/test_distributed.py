@@ -53,17 +53,21 @@ def one_step(model: nn.Module, loss_fn: nn.Module, views: list[torch.Tensor]) ->
     return loss.item()
 
 
+def distributed_step(rank: int, world: int, name: str, out: str) -> None:
+    model = nn.parallel.DistributedDataParallel(make_model())
+    views = [v[rank * BATCH:(rank + 1) * BATCH] for v in make_views(VIEWS.get(name, 2))]
+    loss = one_step(model, LOSSES[name](True), views)
+    losses = [None] * world
+    dist.all_gather_object(losses, loss)
+    if rank == 0:
+        torch.save({"losses": losses, "params": [p.detach() for p in model.module.parameters()]}, out)
+
+
 def worker(rank: int, world: int, port: int, name: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model = nn.parallel.DistributedDataParallel(make_model())
-        views = [v[rank * BATCH:(rank + 1) * BATCH] for v in make_views(VIEWS.get(name, 2))]
-        loss = one_step(model, LOSSES[name](True), views)
-        losses = [None] * world
-        dist.all_gather_object(losses, loss)
-        if rank == 0:
-            torch.save({"losses": losses, "params": [p.detach() for p in model.module.parameters()]}, out)
-    finally:
+        distributed_step(rank, world, name, out)  # DDP freed before its process group, as train.py does:
+    finally:  # the other order hung now and then at exit (torch 2.11)
         dist.destroy_process_group()
 
 
