@@ -53,6 +53,15 @@ def ms_per_step(model: nn.Module, views: list[torch.Tensor], steps: int) -> floa
 
 def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        probe(rank, args)  # the DDP models freed before their process group (torch 2.11 hung otherwise)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def probe(rank: int, args: argparse.Namespace) -> None:
+    """Train eager and compiled DDP copies of the model one step each; rank 0 prints the report."""
     device = torch.device(args.device)
     net = build(args.arch, False, torch.device("cpu"))
     if device.type == "cuda":
@@ -83,8 +92,6 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
             print(f"  {count} x {reason[:300]}")
         print(f"largest gradient difference, compiled - eager: {float(diff / scale):.2e} of the largest gradient")
         print(f"ms per step: eager {times[0]:.1f}, compiled {times[1]:.1f}")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
