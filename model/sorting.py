@@ -39,6 +39,28 @@ def _wiring(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 _WIRING_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+class _SwapWires(torch.autograd.Function):
+    """`u[..., partner]` for a layer's `partner` `[n]`, which is its own inverse (a wire's partner's
+    partner is the wire), so the backward is the same gather, not autograd's scatter-add: one
+    kernel instead of two, and torch 2.11's inductor compiled the scatter-adds of four or more
+    layers into wrong gradients (on the CPU; 2.14 does not)."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, partner: torch.Tensor):
+        ctx.save_for_backward(partner)
+        return u[..., partner]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (partner,) = ctx.saved_tensors
+        return grad[..., partner], None
+
+
+def swap_wires(u: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """`u[..., partner]`: each wire takes the value of the wire it is compared with in the layer."""
+    return _SwapWires.apply(u, partner)
+
+
 def wiring(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The network's wiring (see `_wiring`) on `device`, copied there once per (n, device, dtype): a
     copy from pageable host memory at every call would wait for the GPU. Under torch.compile the
@@ -55,12 +77,12 @@ def wiring(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tens
 
 def _layers(scores: torch.Tensor, steepness: float):
     """Run the network on `scores` `[B, n]`; yields (partner `[n]`, mixing weight `[B, n]`, output `[B, n]`)
-    per layer, where the layer maps any `u` to `u + weight * (u[:, partner] - u)`."""
+    per layer, where the layer maps any `u` to `u + weight * (swap_wires(u, partner) - u)`."""
     partner, sign = wiring(scores.shape[1], scores.device, scores.dtype)
     slope = sign * steepness  # [n_layers, n]
     x = scores
     for layer in range(partner.shape[0]):
-        d = x[:, partner[layer]] - x
+        d = swap_wires(x, partner[layer]) - x
         turn = torch.atan(d * slope[layer])
         weight = turn.mul(1 / math.pi).add_(0.5)  # 1 - alpha of the wire's comparator
         x = torch.addcmul(x, weight, d)
@@ -83,7 +105,7 @@ def relaxed_sort(scores: torch.Tensor, steepness: float = 1.0) -> tuple[torch.Te
     perm = torch.eye(n, dtype=scores.dtype, device=scores.device).expand(batch, n, n)
     for partner, weight, out in _layers(scores, steepness):
         # every input row's probabilities move between the compared ranks like the values do
-        perm = torch.addcmul(perm, weight.unsqueeze(1), perm[:, :, partner] - perm)
+        perm = torch.addcmul(perm, weight.unsqueeze(1), swap_wires(perm, partner) - perm)
         values = out
     return values, perm
 
@@ -110,5 +132,5 @@ def relaxed_rank_mass(scores: torch.Tensor, split: int, steepness: float = 1.0) 
     above = (torch.arange(n, device=scores.device) >= split).to(scores.dtype)
     mass = torch.stack((1 - above, above)).expand(batch, 2, n)  # [B, 2, n]: below, above
     for partner, weight in reversed(layers):
-        mass = torch.addcmul(mass, weight, mass[:, :, partner] - mass)
+        mass = torch.addcmul(mass, weight, swap_wires(mass, partner) - mass)
     return mass[:, 0], mass[:, 1]
