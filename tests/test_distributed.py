@@ -138,10 +138,10 @@ def test_torchrun_with_compile_trains_like_eager(tmp_path):
         run = only_run_dir(tmp_path / mode, "quickstart")
         losses[mode] = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"loss"' in line]
     # The loss after one update tells a wrong gradient (a doubled one would move it by about 0.5%);
-    # later steps drift apart by up to 0.1-0.2% (float rounding moves GroCo's top-k selections: torch
-    # 2.11 and 2.14 drift differently), so they only have to stay close.
+    # later steps drift apart by up to 0.06% (float rounding; the same on torch 2.11 and 2.14). The
+    # compiled loss's wrong gradients on torch 2.11 (fixed in model/sorting.py) made it 0.23%.
     assert len(losses["true"]) == 5 and losses["true"][:2] == pytest.approx(losses["false"][:2], rel=1e-5)
-    assert losses["true"] == pytest.approx(losses["false"], rel=5e-3)
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-3)
 
 
 def _launch_pair(argv: list[str], port: int) -> list[subprocess.Popen]:
