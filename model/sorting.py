@@ -43,7 +43,7 @@ class _SwapWires(torch.autograd.Function):
     """`u[..., partner]` for a layer's `partner` `[n]`, which is its own inverse (a wire's partner's
     partner is the wire), so the backward is the same gather, not autograd's scatter-add: one
     kernel instead of two, and torch 2.11's inductor compiled the scatter-adds of four or more
-    layers into wrong gradients (on the CPU; 2.14 does not)."""
+    layers into wrong gradients (seen on the CPU; 2.14 compiles them right)."""
 
     @staticmethod
     def forward(ctx, u: torch.Tensor, partner: torch.Tensor):
