@@ -173,6 +173,6 @@ def shutdown() -> None:
     threads may be torn down while a peer closes its connections, and the process aborts
     ('terminate called without an active exception') after a finished run."""
     global _control_group
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
     _control_group = None
