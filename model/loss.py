@@ -149,7 +149,6 @@ def hardest_negatives(anchor: torch.Tensor, candidates: torch.Tensor, offset: in
     Returns:
         `[V, B, k]` similarities in ascending order.
     """
-    batch = anchor.shape[1]
     if candidates.shape[1] - 1 < k:
         raise ValueError(f"topk_neg={k} needs a global batch of at least {k + 1}, got {candidates.shape[1]}")
     with torch.no_grad():
@@ -159,8 +158,9 @@ def hardest_negatives(anchor: torch.Tensor, candidates: torch.Tensor, offset: in
             sim = torch.stack([symmetric_products(a) if same else a @ c.T for a, c in zip(anchor, candidates)])
         else:
             sim = torch.bmm(anchor, candidates.transpose(1, 2))  # [V, B, N]
-        own = torch.arange(batch, device=anchor.device)
-        sim[:, own, own + offset] = -float("inf")
+        # anchor b is candidate offset + b: a diagonal. `fill_` takes the number as a kernel argument;
+        # assigning it through index tensors copies it to the device first, a wait on torch 2.11
+        sim.diagonal(offset, dim1=1, dim2=2).fill_(-float("inf"))
         values, index = sim.topk(k, dim=2)
     if candidates is anchor:  # no stop-grad, one process: torch.compile cannot trace one tensor given twice
         candidates = anchor.view_as(anchor)
@@ -259,30 +259,37 @@ class GroCo(nn.Module):
         """`embeddings`: V tensors `[B, D]` -> (loss, similarity statistics of the first view as anchor)."""
         with torch.autocast(embeddings[0].device.type, enabled=False):
             z = torch.stack(_float32(embeddings, self.n_augs, "GroCo"))
-            z = normalize(z)  # [V, B, D]
-            if self.distributed:  # every view of the global batch, [V, W*B, D], rank-major within a view
-                candidates = _gather(z.transpose(0, 1), True, detach=self.stop_grad).transpose(0, 1)
-            else:
-                candidates = z.detach() if self.stop_grad else z
-            offset = get_rank() * z.shape[1] if self.distributed else 0
-            neg = hardest_negatives(z, candidates, offset, self.topk_neg)  # [V, B, K]
-            groups = positive_similarities(z, self.n_pos_augs, self.stop_grad)  # global anchors, local anchors
-            first = 0
-            total = 0.0
-            for pos in groups:
-                count = pos.shape[0]
-                total = total + count * groco_group_loss(neg[first : first + count], pos, self.topk_neg, self.steepness)
-                first += count
-            with torch.no_grad():
-                pos0, neg0 = groups[0][0], neg[0]
-                info = {
-                    "info_pos_max": pos0[:, -1].mean(),
-                    "info_pos_min": pos0[:, 0].mean(),
-                    "info_neg_max": neg0[:, -1].mean(),
-                    "info_neg_min": neg0[:, 0].mean(),
-                }
-                info["info_pos_neg_dist"] = info["info_pos_min"] - info["info_neg_max"]
-        return total / self.n_augs, info
+            return groco_loss(z, self.n_pos_augs, self.topk_neg, self.steepness, self.stop_grad, self.distributed)
+
+
+def groco_loss(z: torch.Tensor, n_pos: int, topk_neg: int, steepness: float, stop_grad: bool,
+               distributed: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GroCo (SPEC 1) on stacked float32 embeddings `z` `[V, B, D]` (the `GroCo` module's arguments;
+    `n_pos` = P) -> (0-dim loss, the similarity statistics of the first view as anchor)."""
+    z = normalize(z)  # [V, B, D]
+    if distributed:  # every view of the global batch, [V, W*B, D], rank-major within a view
+        candidates = _gather(z.transpose(0, 1), True, detach=stop_grad).transpose(0, 1)
+    else:
+        candidates = z.detach() if stop_grad else z
+    offset = get_rank() * z.shape[1] if distributed else 0
+    neg = hardest_negatives(z, candidates, offset, topk_neg)  # [V, B, K]
+    groups = positive_similarities(z, n_pos, stop_grad)  # global anchors, local anchors
+    first = 0
+    total = 0.0
+    for pos in groups:
+        count = pos.shape[0]
+        total = total + count * groco_group_loss(neg[first : first + count], pos, topk_neg, steepness)
+        first += count
+    with torch.no_grad():
+        pos0, neg0 = groups[0][0], neg[0]
+        info = {
+            "info_pos_max": pos0[:, -1].mean(),
+            "info_pos_min": pos0[:, 0].mean(),
+            "info_neg_max": neg0[:, -1].mean(),
+            "info_neg_min": neg0[:, 0].mean(),
+        }
+        info["info_pos_neg_dist"] = info["info_pos_min"] - info["info_neg_max"]
+    return total / z.shape[0], info
 
 
 def _cross_entropy_with_masks(
@@ -301,11 +308,10 @@ def _cross_entropy_with_masks(
     """
     logits = anchors @ candidates.T / temperature
     logits = logits.masked_fill(excluded, -float("inf"))
-    rows = torch.arange(anchors.shape[0], device=anchors.device)
     if topk_neg is None:
         return F.cross_entropy(logits, positive)
-    pos_logit = logits[rows, positive].unsqueeze(1)
-    negatives = logits.index_put((rows, positive), torch.tensor(-float("inf"), device=logits.device))
+    pos_logit = logits.gather(1, positive[:, None])
+    negatives = logits.scatter(1, positive[:, None], -float("inf"))  # a number, not a tensor to copy over
     hard = negatives.topk(topk_neg, dim=1).values
     target = torch.zeros(anchors.shape[0], dtype=torch.long, device=anchors.device)
     return F.cross_entropy(torch.cat((pos_logit, hard), dim=1), target)
@@ -340,7 +346,7 @@ def _more_negatives_loss(
     same_sample = offset + torch.arange(n_views, device=device)[None, :] * batch + sample[:, None]  # [2B, V]
     excluded = torch.zeros(2 * batch, candidates.shape[0], dtype=torch.bool, device=device)
     excluded.scatter_(1, same_sample, True)
-    excluded[torch.arange(2 * batch, device=device), positive] = False
+    excluded.scatter_(1, positive[:, None], False)
     return _cross_entropy_with_masks(anchors, candidates, positive, excluded, temperature, topk_neg)
 
 

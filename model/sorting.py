@@ -19,24 +19,18 @@ import math
 import torch
 
 
-def odd_even_layers(n: int) -> list[tuple[int, int]]:
-    """For each of the n layers: (index of the first compared wire, number of comparators)."""
-    return [(layer % 2, (n - layer % 2) // 2) for layer in range(n)]
-
-
-def _wiring(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`partner` `[n_layers, n]` long and `sign` `[n_layers, n]` float32 (-1 lower, +1 upper, 0 unpaired)."""
-    layers = odd_even_layers(n)
-    partner = torch.arange(n).repeat(len(layers), 1)
-    sign = torch.zeros(len(layers), n)
-    for layer, (start, count) in enumerate(layers):
-        lower = torch.arange(start, start + 2 * count, 2)
-        partner[layer, lower], partner[layer, lower + 1] = lower + 1, lower
-        sign[layer, lower], sign[layer, lower + 1] = -1.0, 1.0
-    return partner, sign
-
-
-_WIRING_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+def odd_even_wiring(n: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's wiring, computed on `device` from index arithmetic: `partner` `[n, n]` long (the wire
+    each wire of layer l is compared with, itself when unpaired) and `sign` `[n, n]` of `dtype` (-1 on
+    the lower wire of a comparator, +1 on the upper one, 0 unpaired). Layer l pairs (i, i + 1) for
+    i = l % 2, l % 2 + 2, ... while i + 1 < n."""
+    wire = torch.arange(n, device=device)
+    from_first = wire[None, :] - (wire % 2)[:, None]  # [layer, wire]: i - l % 2
+    lower = (from_first >= 0) & (from_first % 2 == 0) & (wire[None, :] + 1 < n)
+    upper = (from_first >= 1) & (from_first % 2 == 1)
+    partner = wire[None, :] + lower.long() - upper.long()
+    return partner, upper.to(dtype) - lower.to(dtype)
 
 
 class _SwapWires(torch.autograd.Function):
@@ -61,17 +55,19 @@ def swap_wires(u: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
     return _SwapWires.apply(u, partner)
 
 
+_WIRING_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def wiring(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The network's wiring (see `_wiring`) on `device`, copied there once per (n, device, dtype): a
-    copy from pageable host memory at every call would wait for the GPU. Under torch.compile the
-    tensors become constants of the graph."""
+    """`odd_even_wiring`, made once per (n, device, dtype) in eager mode. Under torch.compile it is
+    traced as a few device kernels (which inductor may fold into constants): a wiring built on the
+    CPU would be a host computation and a blocking copy inside the graph, which also keeps CUDA
+    graphs from capturing it."""
     if torch.compiler.is_compiling():
-        partner, sign = _wiring(n)
-        return partner.to(device), sign.to(device=device, dtype=dtype)
+        return odd_even_wiring(n, device, dtype)
     key = (n, torch.device(device), dtype)
     if key not in _WIRING_CACHE:
-        partner, sign = _wiring(n)
-        _WIRING_CACHE[key] = partner.to(device), sign.to(device=device, dtype=dtype)
+        _WIRING_CACHE[key] = odd_even_wiring(n, device, dtype)
     return _WIRING_CACHE[key]
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from model.loss import GroCo
+from model.loss import GroCo, NTXent, NTXentWithMoreNegatives
 from trainer.checkpoint import load_checkpoint
 
 from .conftest import QUICKSTART, only_run_dir, run_train
@@ -52,21 +52,46 @@ def test_quickstart_trains_on_cuda_in_mixed_precision(tmp_path, precision):
         assert scaler == {}  # bf16 needs no scaler
 
 
-@pytest.mark.parametrize("stop_grad", [True, False])
-def test_groco_never_waits_for_the_gpu(stop_grad):
-    """No host synchronisation in the loss's forward or backward (after a first call, which copies
-    the sorting network's wiring to the device)."""
-    views = [torch.randn(256, 2048, device="cuda", requires_grad=True) for _ in range(8)]
-    loss_fn = GroCo(n_augs=8, n_pos_augs=2, stop_grad=stop_grad)
-    loss_fn(views)[0].backward()
+def _never_waits(loss_fn, views: list[torch.Tensor], calls: int = 1) -> torch.Tensor:
+    """Call `loss_fn` on `views` (and backward) `calls` times to warm it up, then once with any host
+    synchronisation raising an error; returns that loss."""
+    for _ in range(calls):
+        torch.compiler.cudagraph_mark_step_begin()
+        loss_fn(views)[0].backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss, info = loss_fn(views)
+        torch.compiler.cudagraph_mark_step_begin()
+        loss = loss_fn(views)[0]
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    return loss
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_groco_never_waits_for_the_gpu(stop_grad):
+    """No host synchronisation in the loss's forward or backward (after a first call, which makes the
+    sorting network's wiring)."""
+    views = [torch.randn(256, 2048, device="cuda", requires_grad=True) for _ in range(8)]
+    loss = _never_waits(GroCo(n_augs=8, n_pos_augs=2, stop_grad=stop_grad), views)
     assert torch.isfinite(loss).item()
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_groco_never_waits_for_the_gpu(mode):
+    """Compiled (and replayed as a CUDA graph with reduce-overhead), after three warm-up calls: no
+    host synchronisation inside the loss's graphs."""
+    views = [torch.randn(256, 2048, device="cuda", requires_grad=True) for _ in range(2)]
+    loss = _never_waits(torch.compile(GroCo(n_augs=2), mode=mode), views, calls=3)
+    assert torch.isfinite(loss).item()
+
+
+@pytest.mark.parametrize("loss_fn", [NTXent(topk_neg=5), NTXent(stop_grad=True), NTXentWithMoreNegatives(n_augs=4)],
+                         ids=["topk", "stop_grad", "more_negatives"])
+def test_nt_xent_never_waits_for_the_gpu(loss_fn):
+    views = [torch.randn(256, 128, device="cuda", requires_grad=True) for _ in range(4)]
+    assert torch.isfinite(_never_waits(loss_fn, views)).item()
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])

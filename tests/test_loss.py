@@ -10,10 +10,11 @@ from model.loss import (
     NT_Xent,
     NT_XentAllCombinations,
     NT_XentWithMoreNegatives,
+    groco_loss,
     selected_weights,
     symmetric_products,
 )
-from model.sorting import relaxed_rank_mass, relaxed_sort, wiring
+from model.sorting import odd_even_wiring, relaxed_rank_mass, relaxed_sort, wiring
 
 
 def spec_groco(z, n_pos, k, s, stop_grad):
@@ -167,6 +168,45 @@ def test_wiring_pairs_neighbours_like_the_odd_even_network():
     partner, sign = wiring(5, torch.device("cpu"), torch.float32)
     assert partner.tolist() == [[1, 0, 3, 2, 4], [0, 2, 1, 4, 3]] * 2 + [[1, 0, 3, 2, 4]]
     assert sign[:2].tolist() == [[-1, 1, -1, 1, 0], [0, -1, 1, -1, 1]]
+
+
+def test_wiring_of_every_size_is_the_odd_even_network():
+    for n in range(1, 20):
+        partner, sign = odd_even_wiring(n)
+        assert partner.shape == sign.shape == (n, n)
+        for layer in range(n):
+            pairs = [(i, i + 1) for i in range(layer % 2, n - 1, 2)]
+            expected_partner, expected_sign = list(range(n)), [0.0] * n
+            for low, high in pairs:
+                expected_partner[low], expected_partner[high] = high, low
+                expected_sign[low], expected_sign[high] = -1.0, 1.0
+            assert partner[layer].tolist() == expected_partner, (n, layer)
+            assert sign[layer].tolist() == expected_sign, (n, layer)
+
+
+def test_compiled_groco_computes_only_on_the_inputs_device():
+    """Traced from tensors on the meta device, every tensor of the compiled loss's forward and
+    backward graphs is on that device. A tensor made on the CPU inside the graph (the sorting
+    network's wiring once was) is a host computation and a blocking copy per call on a GPU, and
+    keeps the loss out of CUDA graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    for n_views, n_pos in [(3, 3), (8, 2)]:
+        z = torch.randn(n_views, 16, 32, device="meta", requires_grad=True)
+        compiled = torch.compile(groco_loss, backend=backend, fullgraph=True)
+        compiled(z, n_pos, 5, 1.0, True)[0].backward()
+    assert len(graphs) == 4  # forward and backward, twice
+    devices = {node.meta["val"].device.type for gm in graphs for node in gm.graph.nodes
+               if isinstance(node.meta.get("val"), torch.Tensor)}
+    assert devices == {"meta"}
 
 
 def test_selected_weights_dense_equals_sparse():
