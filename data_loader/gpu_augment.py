@@ -103,7 +103,7 @@ def _decode_on_cpu(data: bytes, index: int, device: torch.device | str) -> torch
         image = decode_image(data, f"image {index} of the batch")
     except UndecodableImageError as err:
         raise BatchDecodeError(index, str(err.__cause__ or err)) from err
-    return pil_to_tensor(image).to(device)
+    return to_device(pil_to_tensor(image), device)
 
 
 ImageFiles = Union[PackedFiles, Sequence[bytes], Sequence[torch.Tensor]]
@@ -144,6 +144,12 @@ def decode_batch(files: ImageFiles, device: torch.device | str) -> list[torch.Te
     images: list[torch.Tensor | None] = [None] * len(tensors)
     on_device = [i for i, b in enumerate(buffers) if jpeg_components(b) in (1, 3)]
     data = [tensors[i] for i in on_device]
+    if data and torch.device(device).type == "cuda":
+        # nvJPEG writes its outputs from a stream of its own that does not wait for this one, into
+        # memory the caching allocator may have just taken back from tensors that kernels queued
+        # here still read (pytorch/vision#9606): let those kernels finish first. On the prefetching
+        # thread that is its own side stream, the previous batch's augmentation.
+        torch.cuda.current_stream(device).synchronize()
     try:
         decoded = decode_jpeg(data, device=device) if data else []
     except RuntimeError:  # the batched call fails as a whole: one by one, to find the file

@@ -399,13 +399,15 @@ def test_cuda_views_of_pinned_packed_images_without_waiting():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_views_equal_cpu_views():
+    """The same decoded pixels (nvJPEG's; PIL's differ by a grey level or so) give the same views on
+    the GPU as on the CPU, within the float16 resize."""
     images = [smooth_image(375, 500, seed=i) for i in range(4)]
-    data = [jpeg_bytes(im) for im in images]
+    decoded = ga.decode_batch([jpeg_bytes(im) for im in images], "cuda")
     recipe = ga.GpuRecipe("dino_multicrop", 8)
-    cpu = recipe(ga.decode_batch(data, "cpu"), torch.Generator().manual_seed(0))
-    cuda = recipe(ga.decode_batch(data, "cuda"), torch.Generator().manual_seed(0))
+    cpu = recipe([im.cpu() for im in decoded], torch.Generator().manual_seed(0))
+    cuda = recipe(decoded, torch.Generator().manual_seed(0))
     for a, b in zip(cpu, cuda):
-        assert b.is_cuda and (a - b.cpu()).abs().mean() < 0.02  # nvJPEG's IDCT differs by a grey level or so
+        assert b.is_cuda and (a - b.cpu()).abs().mean() < 0.01
 
 
 @pytest.mark.gpu
