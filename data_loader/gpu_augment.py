@@ -62,6 +62,7 @@ LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 BLUR_RADIUS = 6  # 3 sigma at the largest sigma (2): 13 taps
 MAX_CANVAS_ELEMENTS = 2**28  # pixel values of one padded group of decoded images (512 MiB in float16)
 WINDOW_FRACTION = 0.5  # crop_window: resize from a window of the canvas when it is at most this part
+ALIGN = 8  # canvas and window sides padded to a multiple of this: float16 products on tensor cores want it
 NO_JPEG_DECODER = ("augment_on: 'gpu' decodes with torchvision.io.decode_jpeg, which torchvision {} does not have; "
                    "set decode_on: 'cpu' to decode in the loader workers")
 
@@ -329,9 +330,10 @@ def crop_window(canvas: torch.Tensor, boxes: torch.Tensor, fraction: float = WIN
     """Cut from `canvas` `[n, Hc, 3, Wc]` a window around each crop of `boxes` `[m, 4]` (CPU; crop c
     on image c mod n), all of the largest crop height and width, when that is at most `fraction`
     of the canvas (a small crop then costs the resize little): -> (windows `[m, h, 3, w]`, the boxes
-    relative to them); None when the windows would not be small."""
+    relative to them), h and w rounded up to a multiple of ALIGN; None when the windows would not be
+    small."""
     n, height, _, width = canvas.shape
-    span_h, span_w = int(boxes[:, 2].max()), int(boxes[:, 3].max())
+    span_h, span_w = min(aligned(int(boxes[:, 2].max())), height), min(aligned(int(boxes[:, 3].max())), width)
     if span_h * span_w > fraction * height * width:
         return None
     top = boxes[:, 0].clamp(max=height - span_h)
@@ -385,21 +387,27 @@ def canvas_groups(sizes: torch.Tensor, max_elements: int) -> list[torch.Tensor]:
     groups, current, max_h, max_w = [], [], 0, 0
     area, portrait = sizes.prod(1), sizes[:, 0] > sizes[:, 1]
     for i in torch.argsort(area + portrait * (area.max() + 1)).tolist():
-        h, w = max(max_h, int(sizes[i, 0])), max(max_w, int(sizes[i, 1]))
+        h, w = max(max_h, aligned(int(sizes[i, 0]))), max(max_w, aligned(int(sizes[i, 1])))
         turns = bool(current) and bool(portrait[i]) != bool(portrait[current[-1]])
         if current and (turns or (len(current) + 1) * 3 * h * w > max_elements):
             groups.append(torch.tensor(current))
-            current, h, w = [], int(sizes[i, 0]), int(sizes[i, 1])
+            current, h, w = [], aligned(int(sizes[i, 0])), aligned(int(sizes[i, 1]))
         current.append(i)
         max_h, max_w = h, w
     groups.append(torch.tensor(current))
     return groups
 
 
+def aligned(length: int) -> int:
+    """`length` rounded up to a multiple of ALIGN."""
+    return -(-length // ALIGN) * ALIGN
+
+
 def pad_to_canvas(images: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 images `[3, H_i, W_i]` -> `[n, max H, 3, max W]` of `dtype` (pixel values 0-255, exact in
-    float16 too), each in the top-left corner, zero-padded: the layout `crop_resize` multiplies."""
-    height, width = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
+    """uint8 images `[3, H_i, W_i]` -> `[n, Hc, 3, Wc]` of `dtype` (pixel values 0-255, exact in float16
+    too), each in the top-left corner, zero-padded to the largest height and width rounded up to a
+    multiple of ALIGN: the layout `crop_resize` multiplies."""
+    height, width = aligned(max(im.shape[1] for im in images)), aligned(max(im.shape[2] for im in images))
     canvas = images[0].new_zeros(len(images), height, 3, width, dtype=dtype)
     for i, image in enumerate(images):
         canvas[i, : image.shape[1], :, : image.shape[2]] = image.transpose(0, 1)

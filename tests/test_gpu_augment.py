@@ -153,6 +153,16 @@ def test_crop_resize_equals_pil(box, size, bicubic, dtype):
         assert (out - expected).abs().mean() < 0.5
 
 
+def test_canvas_sides_are_multiples_of_eight():
+    """The canvas's height and width (the inner sizes of the resize's float16 products) are padded
+    to multiples of 8, with zeros."""
+    images = [smooth_image(375, 500), smooth_image(120, 90, seed=1)]
+    canvas = ga.pad_to_canvas(images)
+    assert canvas.shape == (2, 376, 3, 504)
+    assert torch.equal(canvas[0, :375, :, :500], images[0].transpose(0, 1).float())
+    assert canvas[0, 375:].abs().sum() == 0 and canvas[0, :, :, 500:].abs().sum() == 0
+
+
 @pytest.mark.parametrize("size", [224, 96])
 def test_crops_of_a_batch_from_a_window_equal_pil(size):
     """Small crops are resized from a window of the canvas placed per image (`crop_window`), also
@@ -162,7 +172,7 @@ def test_crops_of_a_batch_from_a_window_equal_pil(size):
     boxes = torch.tensor([[10, 400, 60, 90], [60, 30, 60, 60], [350, 450, 45, 70]])  # the last: window clamped
     canvas = ga.pad_to_canvas(images)
     window, inside = ga.crop_window(canvas, boxes)
-    assert window.shape == (3, 60, 3, 90)  # the largest crop height and width
+    assert window.shape == (3, 64, 3, 96)  # the largest crop height and width, rounded up to ALIGN = 8
     for i, ((top, left, h, w), (t, l_, _, _)) in enumerate(zip(boxes.tolist(), inside.tolist())):
         assert torch.equal(window[i, t : t + h, :, l_ : l_ + w], canvas[i, top : top + h, :, left : left + w])
     flip = torch.tensor([True, False, True])
@@ -268,7 +278,7 @@ def test_views_of_one_size_made_together_equal_views_made_alone():
     (whole canvas for the global views, windows for the local ones)."""
     shapes = [(375, 500), (500, 375), (120, 90), (375, 500), (64, 80)]
     images = [smooth_image(*s, seed=i) for i, s in enumerate(shapes)]
-    recipe = ga.GpuRecipe("dino_multicrop", 8, max_canvas_elements=3 * 375 * 500 * 2)
+    recipe = ga.GpuRecipe("dino_multicrop", 8, max_canvas_elements=3 * 376 * 504 * 2)  # sides aligned to 8
     sizes = torch.tensor([im.shape[1:] for im in images])
     assert [len(g) for g in ga.canvas_groups(sizes, recipe.max_canvas_elements)] == [2, 1, 2]
     params = recipe.sample_params(sizes, torch.Generator().manual_seed(0))
