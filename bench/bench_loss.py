@@ -134,6 +134,7 @@ def main() -> None:
             line += (f"   operators per call: reference-style {count_ops(lambda v=views: reference(v).backward())}, "
                      f"ours {count_ops(lambda v=views: ours(v)[0].backward())}")
         for mode in args.compile:
+            torch._dynamo.reset()  # else the second batch size would be compiled for dynamic shapes
             compiled = torch.compile(ours, mode=mode)
             ms = time_call(lambda v, fn=compiled: fn(v)[0], views, args.repeats)
             line += f"   compiled ({mode}) {ms:8.2f} ms"

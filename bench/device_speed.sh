@@ -2,7 +2,7 @@
 # GPU figures for bench/RESULTS.md, run on a CUDA machine from the repository root. Sections (each
 # fits in one 10-minute call; `all` runs them in this order):
 #   tests      the CUDA tests (loss without host syncs, compiled loss = eager, CUDA-graph training,
-#              quickstart in fp16/bf16, decoding and augmentation on the GPU)            ~3 min
+#              quickstart in fp16/bf16, decoding and augmentation on the GPU)            ~4 min
 #   loss       the loss alone, batch 256 and 1024, eager / compiled / CUDA graphs          ~2 min
 #   step       ResNet-50 step, 2 x 224, synthetic images: reference-style, compile default
 #              and reduce-overhead, each with the loss's share of the step                 ~5 min
@@ -18,6 +18,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
+exec > >(tee -a "$OUT/device_speed.log") 2>&1  # the whole output comes back as a file too
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
@@ -29,7 +30,7 @@ STEP="--batch 256 --steps 20 --warmup 8 --short --compile-mode default reduce-ov
 for section in "${@:-all}"; do
   if [[ $section == tests || $section == all ]]; then
     echo "== CUDA tests"
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_augment.py 2>&1 | tail -8
+    timeout 420 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short tests
   fi
   if [[ $section == loss || $section == all ]]; then
     echo "== loss, forward + backward"
