@@ -140,13 +140,20 @@ def _step_losses(run) -> list[float]:
 
 def test_resume_continues_exactly(tmp_path, small_quickstart):
     """2 epochs in one go == 1 epoch, then --resume for the second (same weights, bit for bit),
-    continued in the checkpoint's own run folder."""
+    continued in the checkpoint's own run folder; the results (k-NN before training and after each
+    epoch) are those of the run in one go, not a second "initial" evaluation at the resume."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    base = [a for a in small_quickstart if not str(a).startswith("save_dir=")]
-    assert run_train(*base, f"save_dir={straight}", "--epochs", "2", *FAST) == 0
-    assert run_train(*base, f"save_dir={split}", "--epochs", "1", *FAST) == 0
+    base = [a for a in small_quickstart if not str(a).startswith("save_dir=")] + [
+        "evaluator.0.args.apply_evaluator_per_epoch=1"]
+    assert run_train(*base, f"save_dir={straight}", "--epochs", "2", "--results-json", tmp_path / "straight.json") == 0
+    assert run_train(*base, f"save_dir={split}", "--epochs", "1") == 0
     run = only_run_dir(split, "quickstart")
-    assert run_train("--resume", run / "latest_model.pth", "--epochs", "2", "--device", "cpu") == 0
+    assert run_train("--resume", run / "latest_model.pth", "--epochs", "2", "--device", "cpu",
+                     "--results-json", tmp_path / "split.json") == 0
+    results = json.loads((tmp_path / "split.json").read_text())
+    assert results == json.loads((tmp_path / "straight.json").read_text())
+    assert results["initial"] and [e["epoch"] for e in results["epochs"]] == [0, 1]
+    assert sum(1 for line in open(run / "metrics.jsonl") if '"initial"' in line) == 1
     assert only_run_dir(split, "quickstart") == run  # no second folder
     a = load_checkpoint(only_run_dir(straight, "quickstart") / "latest_model.pth")
     b = load_checkpoint(run / "latest_model.pth")
@@ -196,6 +203,9 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, small_quickstart)
                      f"save_dir={tmp_path / 'straight'}") == 0
     straight = only_run_dir(tmp_path / "straight", "quickstart")
     _weights_equal(load_checkpoint(straight / "latest_model.pth"), load_checkpoint(metrics.parent / "latest_model.pth"))
+    # the interrupted epoch's train_loss averages all its steps, those before the stop included
+    resumed_results = json.loads((metrics.parent / "results.json").read_text())
+    assert resumed_results == json.loads((straight / "results.json").read_text())
     assert _step_losses(straight) == _step_losses(metrics.parent)
 
 

@@ -72,6 +72,12 @@ class RunDir:
                 if line.strip() and _record_before(json.loads(line), steps_done)]
         write_text_atomic(self.metrics, "".join(line + "\n" for line in kept))
 
+    def read_metrics(self) -> list[dict]:
+        """The records of `metrics.jsonl` in order (none when it does not exist)."""
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
     def append_metrics(self, records: list[dict]) -> None:
         with open(self.metrics, "a") as f:
             for record in records:

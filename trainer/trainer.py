@@ -151,12 +151,32 @@ class Trainer:
         """Train the remaining epochs, sending metrics to `tracker`. Raises `Preempted` after
         saving when a stop signal came."""
         self.tracker = tracker or Tracker()
-        results: dict = {"initial": {}, "final": {}, "epochs": []}
-        if self.settings.init_val:
+        resumed = self.start_epoch > 0 or self.start_step > 0
+        results = self._logged_results() if resumed else {"initial": {}, "final": {}, "epochs": []}
+        if self.settings.init_val and resumed:
+            log.info("init_val: resumed, so the metrics before training are the run's logged ones: %s",
+                     results["initial"] or "none in this run folder")
+        elif self.settings.init_val:
             results["initial"] = self.evaluate(-1)
-            self._record({"epoch": self.start_epoch - 1, "step": self.step, "initial": True, **results["initial"]})
+            self._record({"epoch": -1, "step": self.step, "initial": True, **results["initial"]})
         with self.stop:
             return self._fit_epochs(results)
+
+    def _logged_results(self) -> dict:
+        """`{initial, final, epochs}` of the epochs before a resume, read back from the run folder's
+        metrics (cut back to the checkpoint): evaluating again would file the resumed weights'
+        metrics as the initial ones. Empty on the other processes and in a new run folder."""
+        results: dict = {"initial": {}, "final": {}, "epochs": []}
+        for record in self.run.read_metrics() if self.run is not None else []:
+            metrics = {k: v for k, v in record.items() if k not in ("epoch", "step", "initial")}
+            if "loss" in record:  # a step
+                continue
+            if record.get("initial"):
+                results["initial"] = metrics
+            else:
+                results["epochs"].append(record)
+                results["final"] = metrics
+        return results
 
     def _fit_epochs(self, results: dict) -> dict:
         for epoch in range(self.start_epoch, self.settings.epochs):
@@ -188,7 +208,7 @@ class Trainer:
         bar = tqdm(total=steps * global_batch, initial=first * global_batch, unit="samples", unit_scale=True,
                    desc=f"epoch {epoch}", disable=not self.proc.is_main, dynamic_ncols=True)
         pending: list[tuple] = []
-        totals = {"loss": 0.0, "steps": 0}
+        totals = self._logged_epoch_losses(epoch, first)
         window_start = time.perf_counter()
         with self._batches(epoch, first) as batches:
             for i, views in enumerate(batches, start=first):
@@ -210,6 +230,17 @@ class Trainer:
         if totals["steps"] == 0:
             raise RuntimeError(f"epoch {epoch}: the training loader yielded no batch")
         return {"train_loss": totals["loss"] / totals["steps"], "lr": self.schedule(self.step - 1)}
+
+    def _logged_epoch_losses(self, epoch: int, first: int) -> dict:
+        """`{loss, steps}`: the sum and number of the losses of epoch `epoch`'s first `first` steps,
+        read back from the run's metrics after a mid-epoch resume, so that the epoch's `train_loss`
+        averages all its steps as in a run that was never stopped (zero without them)."""
+        logged = []
+        if first and self.run is not None:
+            logged = [r["loss"] for r in self.run.read_metrics() if "loss" in r and r["epoch"] == epoch]
+        if len(logged) != first:  # not this run's log: the resumed steps alone
+            logged = []
+        return {"loss": sum(logged), "steps": len(logged)}
 
     def _batches(self, epoch: int, first: int) -> contextlib.AbstractContextManager:
         """The epoch's views, from batch `first` on. With `augment_on: gpu` the next batch is decoded
