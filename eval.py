@@ -22,7 +22,7 @@ from data_loader.base import LoaderRuntime
 from trainer.checkpoint import load_module_state
 from trainer.precision import make_precision
 from trainer.run_dir import RunDir, write_json
-from trainer.setup import build_encoder, build_evaluations, seed_everything
+from trainer.setup import build_encoder, build_evaluations, check_run_data, seed_everything
 from utils.cli import print_summary, run_entry
 from utils.config import ConfigError
 from utils.logging import log_to_file
@@ -54,6 +54,7 @@ def evaluate(args, config, exp, checkpoint, proc) -> int:
         sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
         print_summary(dry_run_summary(exp, evaluations, proc, precision))
         return 0
+    check_run_data(evaluations)
     run = RunDir.create(exp.save_dir, config["name"]) if proc.is_main else None
     if run is not None:
         run.write_config(config)

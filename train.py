@@ -21,6 +21,7 @@ from trainer.setup import (
     build_loss,
     build_model,
     build_optimizer,
+    check_run_data,
     derive,
     seed_everything,
     steps_per_epoch,
@@ -58,6 +59,7 @@ def train(args, config, exp, checkpoint, proc) -> int:
         sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
         print_summary({**derived, "device": str(proc.device), "precision": precision.name, "seed": exp.seed})
         return 0
+    check_run_data(evaluations, train_loader)
     run = open_run_dir(args, config, exp, checkpoint) if proc.is_main else None
     log.info("derived: %s", derived)
     schedule = Schedule(derived["learning_rate"], derived["total_steps"], derived["warmup_steps"])

@@ -23,6 +23,18 @@ import torch
 from utils.config import ConfigError
 
 
+class DataError(ConfigError):
+    """The data a loader's config names is not there, or cannot fill its batches. Reported like a
+    bad config value (one line, exit status 2), before a run folder is made: `check_data`."""
+
+
+def check_data(loaders) -> None:
+    """Raise DataError if any of `loaders` would find its data missing (image folders are scanned,
+    local shard files looked up); dry runs skip this."""
+    for loader in loaders:
+        loader.check_data()
+
+
 @dataclasses.dataclass(frozen=True)
 class LoaderRuntime:
     """The program's part of a loader's arguments."""

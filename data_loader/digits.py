@@ -132,6 +132,9 @@ class DigitsLoader:
     def __len__(self) -> int:
         return len(self._batches())
 
+    def check_data(self) -> None:
+        """Nothing to check: the digits ship with scikit-learn."""
+
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         images, labels = load_digits_split()[self.split]
         for step, index in enumerate(self._batches()[self.start_step:], start=self.start_step):

@@ -29,7 +29,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from data_loader.base import LoaderRuntime, epoch_generator, eval_shard, per_process_batch, train_indices
+from data_loader.base import (
+    DataError,
+    LoaderRuntime,
+    epoch_generator,
+    eval_shard,
+    per_process_batch,
+    train_indices,
+)
 from data_loader.gpu_augment import DecodeOn, split_work
 from data_loader.transforms import (
     Batch,
@@ -48,15 +55,15 @@ def scan_split(root: Path, split: str) -> list[tuple[str, int]]:
     train_dir, split_dir = root / "train", root / split
     for folder in (train_dir, split_dir):
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no such folder (image_folder_dataloader reads root/train/<class>/* "
-                                    f"and root/val/<class>/*)")
+            raise DataError(f"root: {folder}: no such folder (image_folder_dataloader reads root/train/<class>/* "
+                            f"and root/val/<class>/*)")
     classes, class_to_idx = find_classes(train_dir)
     unknown = sorted(set(find_classes(split_dir)[0]) - set(classes))
     if unknown:
-        raise ValueError(f"{split_dir}: class folders {unknown[:5]} are not in {train_dir}")
+        raise DataError(f"root: {split_dir}: class folders {unknown[:5]} are not in {train_dir}")
     samples = make_dataset(split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
-        raise FileNotFoundError(f"{split_dir}: no image files ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+        raise DataError(f"root: {split_dir}: no image files ({', '.join(IMG_EXTENSIONS)}) in its class folders")
     return samples
 
 
@@ -174,8 +181,9 @@ class ImageFolderLoader:
         if self.training:
             steps = train_indices(n, self.global_batch_size, gen, rank, world, shuffle=True)
             if not steps:
-                raise ValueError(f"{self.root / self.split}: {n} images make no training step of "
-                                 f"{self.global_batch_size}")
+                raise DataError(f"batch_size: {self.root / self.split} has {n} images, fewer than one batch of "
+                                f"{self.global_batch_size} (with train: true and shuffle: true the last partial "
+                                f"batch is dropped)")
             return [step.tolist() for step in steps]
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         part = eval_shard(n, rank, world)
@@ -183,6 +191,10 @@ class ImageFolderLoader:
 
     def __len__(self) -> int:
         return len(self.batches())
+
+    def check_data(self) -> None:
+        """DataError when the split's folder or images are missing, or make no batch."""
+        len(self)
 
     def __iter__(self) -> Iterator[Batch]:
         dataset = FolderBatches(self.samples, self.transform, self.training)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import pickle
 import random
 from typing import Callable, Iterator, Literal
@@ -39,7 +40,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_loader.base import LoaderRuntime, epoch_generator, per_process_batch
+from data_loader.base import DataError, LoaderRuntime, epoch_generator, per_process_batch
 from data_loader.gpu_augment import DecodeOn, split_work
 from data_loader.transforms import (
     Batch,
@@ -220,6 +221,16 @@ class WebLoader:
         workers = max(1, self.num_workers)
         return sum(math.ceil(round(len(range(w, local, workers)) * per_shard) / self.batch_size)
                    for w in range(workers))
+
+    def check_data(self) -> None:
+        """DataError when shard files given as local paths do not exist (URLs and `pipe:` commands
+        are not checked)."""
+        local = [url for url in self.urls if "://" not in url and not url.startswith("pipe:")]
+        missing = [url for url in local if not os.path.isfile(url)]
+        if missing:
+            raise DataError(f"shards: {len(missing)} of the {len(self.urls)} shard files do not exist, "
+                            f"the first {missing[0]}; write them with preprocessing/create_tar_webdataset.py "
+                            f"(README, Data preparation)")
 
     def __iter__(self) -> Iterator[Batch]:
         rank, seed = self.runtime.rank, self.runtime.seed

@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from data_loader.base import LoaderRuntime
+from data_loader.base import DataError, LoaderRuntime
 from data_loader.folder import ImageFolderLoader
 from data_loader.transforms import (
     MEAN,
@@ -508,7 +508,7 @@ def folder(root: Path, shuffle: bool, batch_size: int, rank: int = 0, world: int
 def test_folder_loader_scans_lazily(tmp_path):
     loader = folder(tmp_path / "absent", True, 8, transform_type="dino", n_augs=2)
     assert loader.batch_size == 8
-    with pytest.raises(FileNotFoundError, match="absent/train"):
+    with pytest.raises(DataError, match="root: .*absent/train: no such folder"):
         len(loader)
 
 

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from trainer.checkpoint import CheckpointError, load_checkpoint, load_module_state, save_checkpoint
 from trainer.setup import build_model
@@ -69,6 +70,35 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
     assert run_train(*argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ERROR" in err[0] and message in err[0]
+    assert not (tmp_path / "models").exists()
+
+
+def test_missing_data_is_one_clear_line_before_any_run_folder(tmp_path, capsys):
+    """A folder that is not there, a split smaller than one training batch, shards that were never
+    written: exit status 2 with one line naming the argument and the path, and no run folder."""
+    tiny = tmp_path / "tiny"
+    for split in ("train", "val"):
+        (tiny / split / "a").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), (60 * i, 0, 0)).save(tiny / split / "a" / f"{i}.jpg")
+    folders = ["--config", "configs/examples/imagenet_folders.yaml", "evaluator=null", "--device", "cpu",
+               f"save_dir={tmp_path}"]
+    cases = [
+        (run_train, [*folders, f"train_dataloader.args.root={tmp_path / 'absent'}"],
+         f"root: {tmp_path / 'absent' / 'train'}: no such folder"),
+        (run_train, [*folders, f"train_dataloader.args.root={tiny}"],
+         f"batch_size: {tiny / 'train'} has 3 images, fewer than one batch of 32"),
+        (run_eval, ["--config", "configs/eval_knn.yaml", "encoder.type=RegularEncoder", "encoder.args.arch=resnet18",
+                    f"valid_dataloader.0.args.shards={tmp_path}/train-{{0..3}}.tar", "--device", "cpu",
+                    f"save_dir={tmp_path}"],
+         f"shards: 4 of the 4 shard files do not exist, the first {tmp_path}/train-0.tar"),
+    ]
+    for run, argv, message in cases:
+        capsys.readouterr()
+        assert run(*argv) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "ERROR" in line]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "models").exists()
 
 

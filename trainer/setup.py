@@ -15,7 +15,7 @@ import data_loader  # noqa: F401  (registers the loader types)
 import model  # noqa: F401  (registers the model and loss types)
 import trainer.knn  # noqa: F401  (registers KNNEvaluator)
 import trainer.linear_probe  # noqa: F401  (registers LinearProbingEvaluator)
-from data_loader.base import LoaderRuntime
+from data_loader.base import DataError, LoaderRuntime, check_data
 from model.projection import SSLModel
 from trainer.trainer import Evaluation
 from utils.config import ConfigError, build_block
@@ -103,11 +103,17 @@ def build_evaluations(exp: ExperimentConfig, runtime: LoaderRuntime, distributed
     return [Evaluation(e, bank, queries) for e in evaluators]
 
 
+def check_run_data(evaluations: list[Evaluation], *loaders) -> None:
+    """Raise DataError, before a run folder is made, when the data of `loaders` or of the
+    evaluators' loaders is missing (dry runs do not look)."""
+    check_data([*loaders, *(loader for ev in evaluations for loader in (ev.train, ev.val))])
+
+
 def steps_per_epoch(loader) -> Optional[int]:
     """Steps of the training loader, or None when that needs data that is not there (dry runs)."""
     try:
         return len(loader)
-    except (FileNotFoundError, NotADirectoryError) as err:
+    except DataError as err:
         log.info("steps per epoch unknown until the data is there (%s)", err)
         return None
 
