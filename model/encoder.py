@@ -31,9 +31,9 @@ def build_resnet(arch: str, width: int = 64, cifar_stem: bool = False) -> tvm.Re
         width: channels of the stem and the first stage (64 in torchvision); the stages double it.
         cifar_stem: a 3x3 stride-1 first convolution and no max-pool, for images of 32 px or less.
     """
+    if not arch.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(tvm, arch):
+        raise ConfigError(f"encoder.args.arch: unknown ResNet {arch!r}")
     if width == 64:
-        if not arch.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(tvm, arch):
-            raise ConfigError(f"encoder.args.arch: unknown ResNet {arch!r}")
         net = getattr(tvm, arch)(zero_init_residual=True)
     else:
         if arch not in RESNET_LAYOUTS:

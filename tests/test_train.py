@@ -26,9 +26,11 @@ FAST = ["evaluator=null", "trainer.init_val=false"]
 def test_dry_run_prints_settings_and_json_summary(tmp_path):
     """A fresh process: the CPU is picked by itself and said so; nothing is written."""
     out = subprocess.run(
-        [sys.executable, "train.py", "--config", str(QUICKSTART), "--dry-run", f"save_dir={tmp_path}"],
+        [sys.executable, "train.py", "--config", str(QUICKSTART), "--dry-run", f"save_dir={tmp_path}",
+         "--results-json", str(tmp_path / "results.json")],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )
+    assert "a dry run has no results and does not write it" in out.stderr
     summary = last_json_line(out.stdout)
     assert summary["learning_rate"] == pytest.approx(32.0)  # 4.0 * 32 * 256 / 1024
     assert summary["batch_size_per_process"] == 256 and summary["epochs"] == 50 and summary["loss"] == "GroCo"
@@ -71,6 +73,13 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ERROR" in err[0] and message in err[0]
     assert not (tmp_path / "models").exists()
+
+
+def test_unknown_arch_is_named_before_the_width(tmp_path, capsys):
+    """The quickstart's narrow ResNet (width 16) with a misspelt arch: the error is about the arch."""
+    assert run_train("--config", QUICKSTART, f"save_dir={tmp_path}", "encoder.args.arch=resnet19") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "encoder.args.arch: unknown ResNet 'resnet19'" in errors[0]
 
 
 def test_missing_data_is_one_clear_line_before_any_run_folder(tmp_path, capsys):

@@ -118,6 +118,9 @@ def run_entry(description: str, job: Callable, argv: Optional[list[str]], traini
     args = build_parser(description).parse_intermixed_args(argv)
     launch = launch_env() if args.distributed else None
     setup_logging(launch["rank"] if launch else 0)  # the rank is known before the process group is
+    if args.dry_run and args.results_json:
+        log.warning("--results-json %s: a dry run has no results and does not write it; its summary is the "
+                    "last line of the output", args.results_json)
     try:
         config, checkpoint = resolve_config(args)
         exp = validate(config, world_size=args.world_size if args.distributed else 1, training=training)
