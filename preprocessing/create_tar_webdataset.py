@@ -115,19 +115,30 @@ def read_source(root: Path, splits: list[str]) -> Source:
     )
 
 
-def make_records(samples: list[tuple[str, int]], wnids: list[str], seed: int) -> list[Record]:
-    """Records in a random order fixed by `seed`; keys (file names without their extension) must be
-    unique and free of dots (WebDataset splits a key from its extensions at the first dot)."""
-    records, seen = [], {}
-    for path, cls in samples:
-        key = os.path.basename(path).rsplit(".", 1)[0]
-        if "." in key or not key:
-            raise ValueError(f"{path}: the file name without its extension must be non-empty and hold no '.' "
-                             "(WebDataset would cut the key at the first dot); rename the file")
+def sample_keys(paths: list[str]) -> list[str]:
+    """The samples' keys: each file's name without its extension (ImageNet's `n01440764_10026`).
+    Where that repeats within the split (`cat/001.jpg`, `dog/001.jpg`) or holds a dot (WebDataset
+    cuts a key at its first dot), every key of the split is `<class folder>_<name>` with dots made
+    underscores instead; keys that still repeat are an error."""
+    names = [os.path.basename(path).rsplit(".", 1)[0] for path in paths]
+    if len(set(names)) == len(names) and not any("." in name or not name for name in names):
+        return names
+    keys = [f"{os.path.basename(os.path.dirname(path))}_{name}".replace(".", "_") for path, name in zip(paths, names)]
+    logger.warning("file names repeat across class folders or hold dots: the keys are <class folder>_<name> "
+                   "(%s, ...)", keys[0])
+    seen: dict[str, str] = {}
+    for path, key in zip(paths, keys):
         if key in seen:
-            raise ValueError(f"{path} and {seen[key]} give the same key {key!r}; keys must be unique in a split")
+            raise ValueError(f"{path} and {seen[key]} give the same key {key!r}; keys must be unique in a split, "
+                             "rename one of the files")
         seen[key] = path
-        records.append(Record(key, path, cls, wnids[cls]))
+    return keys
+
+
+def make_records(samples: list[tuple[str, int]], wnids: list[str], seed: int) -> list[Record]:
+    """Records (keys from `sample_keys`) in a random order fixed by `seed`."""
+    keys = sample_keys([path for path, _ in samples])
+    records = [Record(key, path, cls, wnids[cls]) for key, (path, cls) in zip(keys, samples)]
     random.Random(seed).shuffle(records)
     return records
 

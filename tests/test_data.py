@@ -264,14 +264,23 @@ def test_writer_runs_as_the_readme_command(tmp_path):
                                                                                             entries["train"]]
 
 
-def test_writer_refuses_bad_inputs(tmp_path):
-    write_image(tmp_path / "dots" / "train" / "a" / "x.y.jpg", "rgb", (1, 2, 3), (40, 40))
-    with pytest.raises(ValueError, match=r"x\.y\.jpg"):
-        run_script(tmp_path / "dots", tmp_path / "o1", "--splits", "train")
+def test_writer_keys_repeated_or_dotted_names_by_class(tmp_path):
+    """File names that repeat across class folders, or hold dots, are keyed `<class>_<name>`; keys
+    that would still repeat are refused."""
     for name in ("a", "b"):
         write_image(tmp_path / "dup" / "train" / name / "img.jpg", "rgb", (1, 2, 3), (40, 40))
-    with pytest.raises(ValueError, match="same key 'img'"):
-        run_script(tmp_path / "dup", tmp_path / "o2", "--splits", "train")
+    write_image(tmp_path / "dup" / "train" / "a" / "x.y.jpg", "rgb", (1, 2, 3), (40, 40))
+    assert run_script(tmp_path / "dup", tmp_path / "o1", "--splits", "train") == {"train": 3}
+    assert sorted(shard_keys(tmp_path / "o1" / "train" / "imagenet-train-000000.tar")) == ["a_img", "a_x_y", "b_img"]
+    write_image(tmp_path / "clash" / "train" / "a_b" / "c.jpg", "rgb", (1, 2, 3), (40, 40))
+    write_image(tmp_path / "clash" / "train" / "a" / "b_c.jpg", "rgb", (1, 2, 3), (40, 40))
+    write_image(tmp_path / "clash" / "train" / "a" / "c.jpg", "rgb", (1, 2, 3), (40, 40))
+    with pytest.raises(ValueError, match="same key 'a_b_c'"):
+        run_script(tmp_path / "clash", tmp_path / "o2", "--splits", "train")
+
+
+def test_writer_refuses_bad_inputs(tmp_path):
+    write_image(tmp_path / "dots" / "train" / "a" / "x.y.jpg", "rgb", (1, 2, 3), (40, 40))
     with pytest.raises(FileNotFoundError, match="val"):
         run_script(tmp_path / "dots", tmp_path / "o3")
     with pytest.raises(FileNotFoundError, match="neither"):
