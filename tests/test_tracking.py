@@ -2,6 +2,7 @@
 
 import json
 import math
+import signal
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import utils.tracking as tracking
+from trainer.preemption import Preempted
 from utils.config import ConfigError, load_config
 from utils.logging import setup_logging
 from utils.tracking import Tracker, TrackingError, check_neptune, epoch_summary, track
@@ -60,6 +62,21 @@ def test_failed_job_is_recorded_and_raised(tmp_path, capsys):
     assert files["run"]["status"] == "FAILED"
     assert "the loss became non-finite" in "".join(files["run"]["fail_trace"])
     assert files["metrics"]["train/loss"]["values"] == [1.0]
+
+
+def test_stop_on_request_is_recorded_interrupted_not_failed(tmp_path, capsys):
+    """A run preempted by SIGTERM saved its checkpoint and is to be resumed: Sacred marks it
+    INTERRUPTED with a warning, not FAILED with an error; the Preempted itself propagates."""
+    def job(tracker):
+        raise Preempted(signal.SIGTERM, "ckpt.pth")
+
+    setup_logging()
+    with pytest.raises(Preempted, match="stopped by SIGTERM; checkpoint: ckpt.pth") as caught:
+        track(job, "stopped", {"seed": 1}, tmp_path)
+    assert caught.value.signum == signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "WARNING Aborted after" in err and "ERROR" not in err
+    assert sacred_files(tmp_path)["run"]["status"] == "INTERRUPTED"
 
 
 def test_tracking_leaves_the_random_state_alone(tmp_path):

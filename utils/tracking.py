@@ -31,6 +31,7 @@ import psutil
 import torch
 
 from trainer.checkpoint import rng_state, set_rng_state
+from trainer.preemption import Preempted
 from utils.config import ConfigError
 
 with warnings.catch_warnings():
@@ -39,6 +40,7 @@ with warnings.catch_warnings():
     from sacred import Experiment
     from sacred.observers import FileStorageObserver
     from sacred.run import Run
+    from sacred.utils import SacredInterrupt
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,17 @@ SKIPPED_KEYS = ("step", "epoch")
 
 class TrackingError(ConfigError):
     """Tracking cannot start as asked (missing credentials or packages); nothing was started."""
+
+
+class _Stopped(SacredInterrupt):
+    """A run stopped on request (`Preempted`: saved, to be resumed): Sacred records it INTERRUPTED
+    and logs a warning, where any other exception is a failure ('Failed after', FAILED)."""
+
+    STATUS = "INTERRUPTED"
+
+    def __init__(self, cause: Preempted):
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class Tracker:
@@ -96,8 +109,8 @@ def check_neptune(environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
 def track(job: Callable[[Tracker], T], name: str, config: dict, run_dir: str | Path, neptune: bool = False,
           seed: Optional[int] = None, environ: Mapping[str, str] = os.environ) -> T:
     """Run `job(tracker)` as a Sacred run recorded in `run_dir/sacred` (and on Neptune when asked);
-    return what the job returns. An exception in the job marks the run FAILED (a KeyboardInterrupt
-    INTERRUPTED) and propagates.
+    return what the job returns. An exception in the job marks the run FAILED (a KeyboardInterrupt,
+    or a stop on request, `Preempted`, INTERRUPTED) and propagates.
 
     Args:
         name: the experiment's name (the run's name in Neptune).
@@ -122,11 +135,16 @@ def track(job: Callable[[Tracker], T], name: str, config: dict, run_dir: str | P
 
     def main(_run):
         set_rng_state(state)
-        return job(Tracker(_run))
+        try:
+            return job(Tracker(_run))
+        except Preempted as err:
+            raise _Stopped(err) from err
 
     experiment.main(main)
     try:
         return experiment.run(options={"--capture": "no"}).result
+    except _Stopped as stop:
+        raise stop.cause from None
     finally:
         if neptune_run is not None:
             neptune_run.stop()
