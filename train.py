@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +22,7 @@ from trainer.setup import (
     build_optimizer,
     check_run_data,
     derive,
+    resolve_seed,
     seed_everything,
     steps_per_epoch,
 )
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args, config, exp, checkpoint, proc) -> int:
-    seed = exp.seed if exp.seed is not None else random.SystemRandom().randrange(2**31)
+    seed = resolve_seed(exp.seed)
     data_seed = checkpoint.get("data_seed", seed) if checkpoint else seed
     seed_everything(seed)
     runtime = LoaderRuntime(proc.rank, proc.world_size, data_seed)

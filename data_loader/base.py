@@ -59,7 +59,7 @@ def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
 def batch_generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
     """A CPU generator for one batch, depending only on (seed, epoch, step, rank), so that any batch
     can be produced without producing the ones before it."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1009 + rank)
+    return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1009 + rank) % (2**63 - 1))
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> range:

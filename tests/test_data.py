@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from data_loader.base import DataError, LoaderRuntime
+from data_loader.base import DataError, LoaderRuntime, batch_generator
 from data_loader.folder import ImageFolderLoader
 from data_loader.transforms import (
     MEAN,
@@ -836,3 +836,12 @@ def test_loaders_decoding_for_the_gpu_hand_over_packed_pixels(data, corrupt, war
     assert len(images) == len(labels) == 11  # the broken file's place taken by another image
     [record] = [r for r in warnings_of_groco.records if "undecodable" in r.getMessage()]
     assert "c2_0107.JPEG" in record.getMessage()
+
+
+def test_batch_generator_takes_any_seed():
+    """seed: null draws seeds up to 2**31; the per-batch seed once overflowed from about 18,282 on."""
+    draws = [torch.rand(3, generator=batch_generator(seed, 99, 5004, 7)) for seed in (2**31 - 1, 2**31 - 1, 18_283)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    small = ((5 * 1_000_003 + 1) * 1_000_033 + 2) * 1009 + 0  # small seeds keep their streams
+    assert torch.equal(torch.rand(3, generator=batch_generator(5, 1, 2)),
+                       torch.rand(3, generator=torch.Generator().manual_seed(small)))

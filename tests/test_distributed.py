@@ -18,6 +18,7 @@ from torch import nn
 
 from model.loss import GroCo, NT_Xent, NT_XentAllCombinations
 from trainer.checkpoint import load_checkpoint
+from trainer.setup import resolve_seed
 from utils.dist import LaunchError, free_port, init_process
 
 from .conftest import QUICKSTART, ROOT, only_run_dir
@@ -82,6 +83,26 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path, name):
     assert sum(two["losses"]) / 2 == pytest.approx(loss, rel=1e-5, abs=1e-6)
     for p_two, p_one in zip(two["params"], single.parameters()):
         torch.testing.assert_close(p_two, p_one.detach(), rtol=1e-5, atol=1e-6)
+
+
+def seed_worker(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        seeds = [None] * world
+        dist.all_gather_object(seeds, (resolve_seed(None), resolve_seed(7)))
+        if rank == 0:
+            torch.save(seeds, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_agree_on_a_drawn_seed(tmp_path):
+    """seed: null: rank 0 draws the seed and every process takes it (it orders the data: with a seed
+    of their own, the processes' parts of an epoch overlapped and left samples out)."""
+    out = tmp_path / "seeds.pt"
+    mp.start_processes(seed_worker, args=(3, free_port(), str(out)), nprocs=3, start_method="forkserver")
+    seeds = torch.load(out)
+    assert len(set(seeds)) == 1 and seeds[0][1] == 7
 
 
 def test_distributed_without_a_launcher_is_an_error(monkeypatch):

@@ -19,7 +19,7 @@ from data_loader.base import DataError, LoaderRuntime, check_data
 from model.projection import SSLModel
 from trainer.trainer import Evaluation
 from utils.config import ConfigError, build_block
-from utils.dist import ProcessInfo
+from utils.dist import ProcessInfo, from_main_process
 from utils.optim import LARC
 from utils.registry import DATALOADERS, ENCODERS, EVALUATORS, LOSSES, OPTIMIZERS, PROJECTIONS
 from utils.schema import ExperimentConfig, as_list, scaled_learning_rate
@@ -116,6 +116,14 @@ def steps_per_epoch(loader) -> Optional[int]:
     except DataError as err:
         log.info("steps per epoch unknown until the data is there (%s)", err)
         return None
+
+
+def resolve_seed(seed: Optional[int]) -> int:
+    """The config's seed, or (`seed: null`) one drawn by rank 0 and shared: the processes must agree
+    on it, as it orders the data (each process reads its part of one permutation per epoch)."""
+    if seed is not None:
+        return seed
+    return from_main_process(random.SystemRandom().randrange(2**31))
 
 
 def seed_everything(seed: int) -> None:

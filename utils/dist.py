@@ -163,6 +163,15 @@ def any_process(flag: bool) -> bool:
     return bool(value.item())
 
 
+def from_main_process(value: int) -> int:
+    """Rank 0's `value` on every process (a CPU broadcast)."""
+    if get_world_size() == 1:
+        return value
+    shared = torch.tensor([value], dtype=torch.int64)
+    dist.broadcast(shared, src=0, group=_control_group)
+    return int(shared.item())
+
+
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()
