@@ -98,7 +98,13 @@ class LinearProbingEvaluator:
         return epoch is None or after is None or epoch in after
 
     def check_loaders(self, train_loader, val_loader) -> None:
-        """Every head's batch must be its training loader's global batch (its lr is scaled by it)."""
+        """Every head's batch must be its training loader's global batch (its lr is scaled by it);
+        under several processes that loader must be a training one (full batches, the same number
+        on every process), as each step all-reduces the heads' gradients."""
+        if self.distributed and not train_loader.training:
+            raise ConfigError("linear probe: with several processes its training loader (valid_dataloader with "
+                              "train: true) needs shuffling (shuffle: true, or a shuffle buffer > 0 for "
+                              "web_dataloader), so that every process runs the same number of full batches")
         for s in self.settings:
             if s.batch_size != train_loader.global_batch_size:
                 raise ConfigError(f"linear probe '{s.log_name}': batch_size {s.batch_size} differs from its "
