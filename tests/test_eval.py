@@ -33,6 +33,7 @@ from trainer.knn import KNNEvaluator, knn_counts
 from trainer.linear_probe import LinearProbingEvaluator
 from trainer.setup import build_encoder
 from utils.cli import build_parser, resolve_config
+from utils.config import ConfigError
 from utils.dist import free_port
 from utils.schema import validate
 
@@ -351,6 +352,17 @@ def test_linear_probe_batch_must_match_its_loader():
     with pytest.raises(ValueError, match="batch_size 128 differs from its training loader's batch_size 32"):
         probe.evaluate(FeatureEncoder(8), TensorLoader(x, y, 32, True), TensorLoader(x, y, 32, False),
                        torch.device("cpu"))
+
+
+def test_linear_probe_on_several_processes_needs_a_training_loader():
+    """Each step all-reduces the heads' gradients: an evaluation-mode loader (batch counts that may
+    differ between processes) is refused before anything runs."""
+    x, y = blobs(64, seed=0)
+    probe = LinearProbingEvaluator(hyperparams=[probe_settings("_a", 32, 1, 0.1, True)], num_classes=4,
+                                   distributed=True)
+    with pytest.raises(ConfigError, match="linear probe: with several processes its training loader"):
+        probe.check_loaders(TensorLoader(x, y, 32, False), TensorLoader(x, y, 32, False))
+    probe.check_loaders(TensorLoader(x, y, 32, True), TensorLoader(x, y, 32, False))
 
 
 # ----------------------------------------------------------------------------- two processes
