@@ -165,14 +165,15 @@ def test_torchrun_with_compile_trains_like_eager(tmp_path):
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-3)
 
 
-def _launch_pair(argv: list[str], port: int) -> list[subprocess.Popen]:
+def _launch_pair(argv: list[str], port: int, **extra_env: str) -> list[subprocess.Popen]:
     """Two train.py processes started the way srun starts them (SLURM_PROCID / SLURM_NTASKS)."""
     procs = []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1")
-        env.pop("SLURM_JOB_ID", None)  # no requeue here
+        env.pop("SLURM_JOB_ID", None)  # no requeue unless asked
+        env.update(extra_env)
         procs.append(subprocess.Popen([sys.executable, "train.py", "--distributed", "--world-size", "2", *argv],
                                       cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     return procs
@@ -185,24 +186,34 @@ def _wait(procs: list[subprocess.Popen]) -> list[str]:
 
 
 def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
-    """SIGTERM to rank 1 only: both ranks stop after the same step (the stop flag is all-reduced),
-    rank 0 saves, and resuming with two processes ends with the weights of an uninterrupted run."""
+    """SLURM's SIGUSR1 to rank 1 only: both ranks stop after the same step (the stop flag is
+    all-reduced), rank 0 saves, the job is requeued once, by rank 0, after the checkpoint is on disk
+    (a stand-in `scontrol` records the checkpoint's mtime when called), and resuming with two
+    processes ends with the weights of an uninterrupted run."""
     base = ["--config", str(QUICKSTART), "--epochs", "3", "trainer.log_step=1", "evaluator=null",
             "trainer.init_val=false"]
-    stopped = tmp_path / "stopped"
-    procs = _launch_pair([*base, f"save_dir={stopped}"], free_port())
+    stopped, calls = tmp_path / "stopped", tmp_path / "scontrol.log"
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f"#!{sys.executable}\nimport glob, os, sys\n"
+                        f"ckpt = glob.glob('{stopped}/models/quickstart/*/latest_model.pth')[0]\n"
+                        f"open('{calls}', 'a').write(' '.join(sys.argv[1:]) + f' {{os.stat(ckpt).st_mtime_ns}}\\n')\n")
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "PATH": f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}"}
+    procs = _launch_pair([*base, f"save_dir={stopped}"], free_port(), **slurm)
     deadline = time.time() + 180
     while time.time() < deadline and all(p.poll() is None for p in procs):
         logs = list(stopped.glob("models/quickstart/*/metrics.jsonl"))
         if logs and sum('"loss"' in line for line in open(logs[0])) >= 7:
-            procs[1].send_signal(signal.SIGTERM)
+            procs[1].send_signal(signal.SIGUSR1)
             break
         time.sleep(0.05)
     errs = _wait(procs)
-    assert "received SIGTERM" in errs[1] and "stopped by a signal to another process" in errs[0]
+    assert "received SIGUSR1" in errs[1] and all("stopped by SIGUSR1" in err for err in errs)
     run = only_run_dir(stopped, "quickstart")
     ckpt = load_checkpoint(run / "latest_model.pth")
     assert 0 < ckpt["epoch_step"] < 5 and ckpt["step"] < 15
+    assert calls.read_text().splitlines() == [f"requeue 4242 {(run / 'latest_model.pth').stat().st_mtime_ns}"]
 
     _wait(_launch_pair(["--resume", str(run / "latest_model.pth")], free_port()))
     straight = tmp_path / "straight"

@@ -194,6 +194,18 @@ def test_resume_continues_exactly(tmp_path, small_quickstart):
     assert results == json.loads((tmp_path / "straight.json").read_text())
     assert results["initial"] and [e["epoch"] for e in results["epochs"]] == [0, 1]
     assert sum(1 for line in open(run / "metrics.jsonl") if '"initial"' in line) == 1
+
+    # stopped after saving epoch 0 but before evaluating and recording it (a signal in its last
+    # step): the resumed run evaluates and records epoch 0 first
+    unrecorded = tmp_path / "unrecorded"
+    assert run_train(*base, f"save_dir={unrecorded}", "--epochs", "1") == 0
+    cut = only_run_dir(unrecorded, "quickstart")
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if '"epoch": 0, "step": 5, ' not in line
+                                               or '"loss"' in line))
+    assert run_train("--resume", cut / "latest_model.pth", "--epochs", "2", "--device", "cpu",
+                     "--results-json", tmp_path / "unrecorded.json") == 0
+    assert json.loads((tmp_path / "unrecorded.json").read_text()) == results
     assert only_run_dir(split, "quickstart") == run  # no second folder
     a = load_checkpoint(only_run_dir(straight, "quickstart") / "latest_model.pth")
     b = load_checkpoint(run / "latest_model.pth")

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
 import time
 from typing import Any, Optional
 
@@ -28,7 +29,7 @@ from trainer.checkpoint import load_module_state, rng_state, save_checkpoint, se
 from trainer.precision import Precision
 from trainer.preemption import Preempted, StopSignal
 from trainer.run_dir import RunDir
-from utils.dist import ProcessInfo, all_reduce_sum
+from utils.dist import ProcessInfo, all_reduce_sum, any_process, barrier
 from utils.optim import cosine_with_warmup, set_learning_rate
 from utils.schema import CUDA_GRAPH_MODES, TrainerSettings
 from utils.tracking import Tracker, epoch_summary
@@ -129,12 +130,22 @@ class Trainer:
                  f" and {self.start_step} batches of the next" if self.start_step else "", self.step)
 
     def _save_preempted(self, epoch: int, epoch_step: int) -> None:
+        """Every process, after agreeing to stop mid-epoch: rank 0 saves, all wait for it, all raise."""
         path = None
         if self.run is not None:
             path = self.run.checkpoint()
             save_checkpoint(self.state_dict(epoch - 1, epoch_step), path)
             log.info("saved %s after %d of %d batches of epoch %d", path, epoch_step, len(self.loader), epoch)
-        raise Preempted(self.stop.signum or 0, str(path) if path else None)
+        barrier()  # none may exit (and, under SLURM, requeue the job) before the checkpoint is on disk
+        raise Preempted(self._stop_cause(), str(path) if path else None)
+
+    def _stop_cause(self) -> int:
+        """The signal that stopped the run, the same on every process: SIGUSR1 (SLURM's warning
+        before the time limit, which asks for a requeue) if any process received it, else this
+        process's own (0 when only another process received one). A collective."""
+        if any_process(self.stop.signum == signal.SIGUSR1):
+            return signal.SIGUSR1
+        return self.stop.signum or 0
 
     def save(self, epoch: int) -> None:
         if self.run is None:
@@ -160,6 +171,8 @@ class Trainer:
             results["initial"] = self.evaluate(-1)
             self._record({"epoch": -1, "step": self.step, "initial": True, **results["initial"]})
         with self.stop:
+            if resumed and self.start_step == 0:
+                self._finish_unrecorded_epoch(results)
             return self._fit_epochs(results)
 
     def _logged_results(self) -> dict:
@@ -178,6 +191,22 @@ class Trainer:
                 results["final"] = metrics
         return results
 
+    def _finish_unrecorded_epoch(self, results: dict) -> None:
+        """A run stopped by a signal during the last step of epoch e saved e's checkpoint and exited
+        before evaluating and recording e. Resumed in its own folder (where e's steps are logged but
+        not its record), it evaluates e now and writes e's record; elsewhere nothing happens."""
+        epoch = self.start_epoch - 1
+        logged, recorded = [], any(r["epoch"] == epoch for r in results["epochs"])
+        if self.run is not None and not recorded:
+            logged = [r["loss"] for r in self.run.read_metrics() if "loss" in r and r["epoch"] == epoch]
+        if not any_process(bool(logged)):  # a collective: the evaluators run on every process or none
+            return
+        train_metrics = {"train_loss": sum(logged) / len(logged), "lr": self.schedule(self.step - 1)} if logged else {}
+        record = {"epoch": epoch, "step": self.step, **train_metrics, **self.evaluate(epoch)}
+        self._record(record)
+        results["epochs"].append(record)
+        results["final"] = {k: v for k, v in record.items() if k not in ("epoch", "step")}
+
     def _fit_epochs(self, results: dict) -> dict:
         for epoch in range(self.start_epoch, self.settings.epochs):
             start = time.perf_counter()
@@ -185,8 +214,8 @@ class Trainer:
             log.info("epoch %d trained: %s", epoch, epoch_summary(
                 time.perf_counter() - start, len(self.loader) * self.loader.global_batch_size, self.proc.device))
             self.save(epoch)
-            if self.stop.requested():
-                raise Preempted(self.stop.signum or 0, str(self.run.checkpoint()) if self.run else None)
+            if self.stop.requested():  # after rank 0's save: a collective, so all wait for it
+                raise Preempted(self._stop_cause(), str(self.run.checkpoint()) if self.run else None)
             record = {"epoch": epoch, "step": self.step, **train_metrics, **self.evaluate(epoch)}
             self._record(record)
             results["epochs"].append(record)
@@ -303,7 +332,7 @@ class Trainer:
         for (step, lr, *_), row in zip(pending, values.tolist()):
             records.append({"step": step, "epoch": epoch, "loss": row[0], "lr": lr, "grad_norm": row[1],
                             "samples_per_s": rate, **dict(zip(info_keys, row[2:]))})
-        totals["loss"] += float(values[:, 0].sum())
+            totals["loss"] += row[0]  # step by step, as a resumed run sums the logged losses
         totals["steps"] += len(pending)
         bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.3g}")
         # one averaged point per window: a point per step would make Sacred rewrite a huge metrics.json

@@ -139,7 +139,8 @@ def run_entry(description: str, job: Callable, argv: Optional[list[str]], traini
     except Preempted as err:
         log.warning("%s", err)
         shutdown()
-        requeue_under_slurm(err.signum)
+        if not launch or launch["rank"] == 0:  # one requeue per job; every process knows the cause
+            requeue_under_slurm(err.signum)
         return 0
     except NonFiniteLossError as err:
         log.error("%s", err)
