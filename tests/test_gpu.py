@@ -9,7 +9,7 @@ import torch
 from model.loss import GroCo, NTXent, NTXentWithMoreNegatives
 from trainer.checkpoint import load_checkpoint
 
-from .conftest import QUICKSTART, only_run_dir, run_train
+from .conftest import QUICKSTART, only_run_dir, run_eval, run_train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -44,7 +44,13 @@ def test_quickstart_trains_on_cuda_in_mixed_precision(tmp_path, precision):
     assert code == 0
     metrics = json.loads(results.read_text())
     assert metrics["final"]["knn@20_online"] > metrics["initial"]["knn@20_online"] + 0.08
-    ckpt = load_checkpoint(only_run_dir(tmp_path, "quickstart") / "latest_model.pth")
+    run = only_run_dir(tmp_path, "quickstart")
+    # the online k-NN extracts float32 features, as eval.py does on the checkpoint: the two agree
+    # (within a digit of the 500: cuDNN may pick other kernels in the second process)
+    assert run_eval("--resume", run / "latest_model.pth", "--results-json", tmp_path / "eval.json") == 0
+    offline = json.loads((tmp_path / "eval.json").read_text())["final"]["knn@20_online"]
+    assert offline == pytest.approx(metrics["final"]["knn@20_online"], abs=0.0021)
+    ckpt = load_checkpoint(run / "latest_model.pth")
     scaler = ckpt["scaler"]
     if precision == "true":
         assert scaler["scale"] > 0  # an enabled float16 scaler keeps its state

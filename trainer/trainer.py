@@ -354,8 +354,9 @@ class Trainer:
             start = time.perf_counter()
             for loader in (ev.train, ev.val):
                 loader.set_epoch(max(epoch, 0))
-            metrics.update(ev.evaluator.evaluate(encoder, ev.train, ev.val, self.proc.device,
-                                                 self.precision.autocast, epoch=epoch))
+            # float32 features whatever the training precision, as the reference's evaluators and
+            # eval.py: the online k-NN and the probe after the last epoch are the paper's numbers
+            metrics.update(ev.evaluator.evaluate(encoder, ev.train, ev.val, self.proc.device, None, epoch=epoch))
             log.info("%s after epoch %d took %.1f s", type(ev.evaluator).__name__, epoch,
                      time.perf_counter() - start)
         self.model.train()
