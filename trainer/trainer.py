@@ -196,16 +196,25 @@ class Trainer:
         before evaluating and recording e. Resumed in its own folder (where e's steps are logged but
         not its record), it evaluates e now and writes e's record; elsewhere nothing happens."""
         epoch = self.start_epoch - 1
-        logged, recorded = [], any(r["epoch"] == epoch for r in results["epochs"])
-        if self.run is not None and not recorded:
-            logged = [r["loss"] for r in self.run.read_metrics() if "loss" in r and r["epoch"] == epoch]
+        recorded = any(r["epoch"] == epoch for r in results["epochs"])
+        logged = [] if recorded else self._logged_step_losses(epoch)
         if not any_process(bool(logged)):  # a collective: the evaluators run on every process or none
             return
         train_metrics = {"train_loss": sum(logged) / len(logged), "lr": self.schedule(self.step - 1)} if logged else {}
-        record = {"epoch": epoch, "step": self.step, **train_metrics, **self.evaluate(epoch)}
+        self._add_epoch_record(results, {"epoch": epoch, "step": self.step, **train_metrics, **self.evaluate(epoch)})
+
+    def _add_epoch_record(self, results: dict, record: dict) -> None:
+        """Log and write an epoch's record; it is the results' last epoch and their final metrics."""
         self._record(record)
         results["epochs"].append(record)
         results["final"] = {k: v for k, v in record.items() if k not in ("epoch", "step")}
+
+    def _logged_step_losses(self, epoch: int) -> list[float]:
+        """The losses of epoch `epoch`'s steps in the run folder's metrics, in order (none on the
+        other processes)."""
+        if self.run is None:
+            return []
+        return [r["loss"] for r in self.run.read_metrics() if "loss" in r and r["epoch"] == epoch]
 
     def _fit_epochs(self, results: dict) -> dict:
         for epoch in range(self.start_epoch, self.settings.epochs):
@@ -216,10 +225,8 @@ class Trainer:
             self.save(epoch)
             if self.stop.requested():  # after rank 0's save: a collective, so all wait for it
                 raise Preempted(self._stop_cause(), str(self.run.checkpoint()) if self.run else None)
-            record = {"epoch": epoch, "step": self.step, **train_metrics, **self.evaluate(epoch)}
-            self._record(record)
-            results["epochs"].append(record)
-            results["final"] = {k: v for k, v in record.items() if k not in ("epoch", "step")}
+            self._add_epoch_record(results, {"epoch": epoch, "step": self.step, **train_metrics,
+                                             **self.evaluate(epoch)})
         return results
 
     def _record(self, record: dict) -> None:
@@ -264,9 +271,7 @@ class Trainer:
         """`{loss, steps}`: the sum and number of the losses of epoch `epoch`'s first `first` steps,
         read back from the run's metrics after a mid-epoch resume, so that the epoch's `train_loss`
         averages all its steps as in a run that was never stopped (zero without them)."""
-        logged = []
-        if first and self.run is not None:
-            logged = [r["loss"] for r in self.run.read_metrics() if "loss" in r and r["epoch"] == epoch]
+        logged = self._logged_step_losses(epoch) if first else []
         if len(logged) != first:  # not this run's log: the resumed steps alone
             logged = []
         return {"loss": sum(logged), "steps": len(logged)}
