@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 
 import torch
 
@@ -60,6 +61,13 @@ def batch_generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Ge
     """A CPU generator for one batch, depending only on (seed, epoch, step, rank), so that any batch
     can be produced without producing the ones before it."""
     return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1009 + rank) % (2**63 - 1))
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a Ctrl-C in the terminal reaches the loader's worker processes
+    too; they ignore it and keep feeding the training process, which finishes its step and saves
+    (trainer.preemption)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> range:

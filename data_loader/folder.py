@@ -34,6 +34,7 @@ from data_loader.base import (
     LoaderRuntime,
     epoch_generator,
     eval_shard,
+    ignore_interrupts,
     per_process_batch,
     train_indices,
 )
@@ -200,5 +201,6 @@ class ImageFolderLoader:
         dataset = FolderBatches(self.samples, self.transform, self.training)
         loader = DataLoader(dataset, sampler=self.batches(), batch_size=None, num_workers=self.num_workers,
                             generator=epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank),
+                            worker_init_fn=ignore_interrupts,  # a Ctrl-C is the training process's to handle
                             pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
         yield from itertools.islice(loader, self.start_step, None)

@@ -40,7 +40,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_loader.base import DataError, LoaderRuntime, epoch_generator, per_process_batch
+from data_loader.base import DataError, LoaderRuntime, epoch_generator, ignore_interrupts, per_process_batch
 from data_loader.gpu_augment import DecodeOn, split_work
 from data_loader.transforms import (
     Batch,
@@ -238,6 +238,7 @@ class WebLoader:
                              seed_key=f"seed {seed}/epoch {self.epoch}/rank {rank}")
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             generator=epoch_generator(seed + 1, self.epoch, rank),
+                            worker_init_fn=ignore_interrupts,  # a Ctrl-C is the training process's to handle
                             pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
         if not self.training:
             yield from itertools.islice(loader, self.start_step, None)

@@ -788,6 +788,69 @@ def test_sigterm_while_prefetching_saves_and_resumes_exactly(data, tmp_path):
             assert torch.equal(value, b[part][name]), f"{part}.{name} differs"
 
 
+@pytest.mark.parametrize("kind", ["shards", "folder"])
+def test_loader_workers_ignore_ctrl_c(data, kind):
+    """A Ctrl-C in the terminal reaches the loader's worker processes too: they keep going (had
+    one died, the DataLoader would raise that it exited unexpectedly), so that the training
+    process can finish its step and save."""
+    import os
+    import signal
+
+    import psutil
+
+    if kind == "shards":
+        loader = web(data.pattern("train"), 24, 8, 4, transform_type="val", num_workers=1)
+    else:
+        loader = ImageFolderLoader(LoaderRuntime(), str(data.raw), shuffle=True, batch_size=4, num_workers=1)
+    loader.set_epoch(0)
+    before = {p.pid for p in psutil.Process().children()}
+    batches = iter(loader)
+    first = next(batches)
+    workers = [p.pid for p in psutil.Process().children() if p.pid not in before]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGINT)
+    rest = list(batches)
+    assert len(rest) == len(loader) - 1 == 5 and first[1].shape == (4,)
+
+
+def test_ctrl_c_to_the_process_group_saves_and_resumes(data, tmp_path):
+    """A Ctrl-C in a terminal: SIGINT to train.py and its two loader workers at once. The run
+    finishes its step, saves and exits 130 (the shell's code for it), without a
+    traceback; resuming completes the run."""
+    import os
+    import signal
+    import time
+
+    import train
+    from trainer.checkpoint import load_checkpoint
+
+    train_block, _, _ = shard_blocks(data, num_workers=2)
+    config = small_config(train_block, {}, {}, tmp_path)
+    config.update(evaluator=None, valid_dataloader=None)
+    config["trainer"].update(epochs=5, init_val=False)
+    path = tmp_path / "ctrl_c.yaml"
+    path.write_text(json.dumps(config))
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path), "--device", "cpu",
+                             f"save_dir={interrupted}"], cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run, deadline = None, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = list((interrupted / "models" / "ctrl_c").glob("*/metrics.jsonl"))
+        if found and sum('"loss"' in line for line in open(found[0])) >= 3:  # inside epoch 1
+            run = found[0].parent
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.05)
+    err = proc.communicate(timeout=300)[1]
+    assert run is not None and proc.returncode == 130, err
+    assert "received SIGINT" in err and "stopped by SIGINT" in err and "Traceback" not in err, err
+    assert load_checkpoint(run / "latest_model.pth")["step"] < 10
+
+    assert train.main(["--resume", str(run / "latest_model.pth"), "--device", "cpu"]) == 0
+    assert load_checkpoint(run / "latest_model.pth")["step"] == 10
+
+
 def test_gpu_augmentation_loaders_yield_files_and_refuse_evaluation(data, tmp_path, capsys):
     loader = web(data.pattern("train"), 24, 8, 12, transform_type="dino", n_augs=2, augment_on="gpu", num_workers=1)
     files, labels = next(iter(loader))  # one buffer for the batch's files, read by a worker process

@@ -2,9 +2,11 @@
 resume, a non-finite loss, and the quickstart's learning."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -13,6 +15,7 @@ import yaml
 from PIL import Image
 
 from trainer.checkpoint import CheckpointError, load_checkpoint, load_module_state, save_checkpoint
+from trainer.preemption import StopSignal
 from trainer.setup import build_model
 from utils.config import load_config
 from utils.dist import ProcessInfo
@@ -163,6 +166,11 @@ def test_checkpoint_format_and_module_prefix(tmp_path, small_quickstart):
 def test_atomic_save_leaves_no_temporary(tmp_path):
     save_checkpoint({"epoch": 0, "encoder": {}}, tmp_path / "latest_model.pth")
     assert [p.name for p in tmp_path.iterdir()] == ["latest_model.pth"]
+    # a write that fails (here: a value torch.save cannot pickle) keeps the old file, leaves no other
+    with pytest.raises(TypeError, match="cannot pickle"):
+        save_checkpoint({"epoch": 1, "encoder": {}, "lock": threading.Lock()}, tmp_path / "latest_model.pth")
+    assert [p.name for p in tmp_path.iterdir()] == ["latest_model.pth"]
+    assert load_checkpoint(tmp_path / "latest_model.pth")["epoch"] == 0
 
 
 def _weights_equal(a: dict, b: dict) -> None:
@@ -261,6 +269,20 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, small_quickstart)
     # the interrupted epoch's train_loss averages all its steps, those before the stop included
     resumed_results = json.loads((metrics.parent / "results.json").read_text())
     assert resumed_results == json.loads((straight / "results.json").read_text())
+
+
+def test_ctrl_c_asks_for_a_stop_and_a_second_one_stops_at_once():
+    """The first SIGINT is recorded like SIGTERM (the trainer saves after its step); the second
+    raises KeyboardInterrupt; the previous handler is back afterwards."""
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # Python runs the handler in the main thread, between two bytecodes
+        assert stop.signum == signal.SIGINT and stop.requested()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, small_quickstart):

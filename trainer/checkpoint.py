@@ -32,14 +32,19 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write `state` to `path` atomically (temporary file in the same folder, fsync, rename)."""
+    """Write `state` to `path` atomically (temporary file in the same folder, fsync, rename); the
+    temporary file is removed when the write fails or is interrupted."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | Path) -> dict:

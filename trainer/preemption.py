@@ -1,6 +1,7 @@
-"""Preemption: SIGTERM or SIGUSR1 makes every process finish its current step, save a checkpoint
-that resumes exactly, and exit; under SLURM, SIGUSR1 (sent ahead of the time limit by
-`#SBATCH --signal=USR1@...`) also requeues the job, whose restart continues with `--resume auto`."""
+"""Preemption: SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) makes every process finish its current step, save
+a checkpoint that resumes exactly, and exit; under SLURM, SIGUSR1 (sent ahead of the time limit by
+`#SBATCH --signal=USR1@...`) also requeues the job, whose restart continues with `--resume auto`.
+A second Ctrl-C stops at once (KeyboardInterrupt), keeping the last checkpoint written."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from utils.dist import any_process
 
 log = logging.getLogger("groco")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -31,16 +32,20 @@ class Preempted(Exception):
 
 
 class StopSignal:
-    """Context manager that records SIGTERM / SIGUSR1 instead of dying, restoring the previous
-    handlers on exit. `requested()` is collective: true on every process once any received one."""
+    """Context manager that records SIGTERM / SIGUSR1 / SIGINT instead of dying, restoring the
+    previous handlers on exit; a second SIGINT raises KeyboardInterrupt. `requested()` is
+    collective: true on every process once any received one."""
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signum = signum
-        log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
+        again = " (Ctrl-C again stops at once; the last saved checkpoint stays)" if signum == signal.SIGINT else ""
+        log.warning("received %s: stopping after the current step%s", signal.Signals(signum).name, again)
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -141,7 +142,7 @@ def run_entry(description: str, job: Callable, argv: Optional[list[str]], traini
         shutdown()
         if not launch or launch["rank"] == 0:  # one requeue per job; every process knows the cause
             requeue_under_slurm(err.signum)
-        return 0
+        return 128 + signal.SIGINT if err.signum == signal.SIGINT else 0  # Ctrl-C: the shell's code
     except NonFiniteLossError as err:
         log.error("%s", err)
         return 1
