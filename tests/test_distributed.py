@@ -16,12 +16,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from data_loader.base import LoaderRuntime
 from model.loss import GroCo, NT_Xent, NT_XentAllCombinations
-from trainer.checkpoint import load_checkpoint
-from trainer.setup import resolve_seed
-from utils.dist import LaunchError, free_port, init_process
+from trainer.checkpoint import load_checkpoint, load_module_state
+from trainer.setup import build_loader, build_loss, build_model, resolve_seed
+from utils.config import load_config
+from utils.dist import LaunchError, ProcessInfo, free_port, init_process
+from utils.schema import validate
 
-from .conftest import QUICKSTART, ROOT, only_run_dir
+from .conftest import QUICKSTART, ROOT, only_run_dir, run_train
 
 BATCH, DIM = 12, 16
 LOSSES = {
@@ -224,3 +227,38 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
     for part in ("encoder", "projection"):
         for name, value in a[part].items():
             assert torch.equal(value, b[part][name]), f"{part}.{name} differs"
+
+
+def test_two_processes_log_the_loss_of_the_global_batch(tmp_path):
+    """A process's loss is the mean over its half of the global batch; the step's logged loss (and
+    the epoch's train_loss) is the whole batch's, as one process on it logs, not rank 0's half.
+    Checked at the first step of a two-process resume, recomputed here from the checkpoint: each
+    half through the model on its own (BatchNorm statistics stay per process on the CPU), the
+    loss on the two halves together."""
+    base = ["--config", str(QUICKSTART), "evaluator=null", "trainer.init_val=false", "trainer.log_step=1"]
+    assert run_train(*base, "--epochs", "1", "--device", "cpu", f"save_dir={tmp_path}") == 0
+    run = only_run_dir(tmp_path, "quickstart")
+    checkpoint = load_checkpoint(run / "latest_model.pth")
+    _wait(_launch_pair(["--resume", str(run / "latest_model.pth"), "--epochs", "2"], free_port()))
+    steps = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
+    logged = [s for s in steps if s["epoch"] == 1]
+
+    exp = validate(load_config(QUICKSTART), world_size=2, training=True)
+    net = build_model(exp, ProcessInfo())
+    load_module_state(net.encoder, checkpoint["encoder"], "encoder")
+    load_module_state(net.projection, checkpoint["projection"], "projection")
+    net.train()
+    halves = []
+    for rank in range(2):
+        loader = build_loader(exp.train_dataloader, LoaderRuntime(rank, 2, checkpoint["data_seed"]))
+        loader.set_epoch(1)
+        views, _ = next(iter(loader))
+        with torch.no_grad():
+            halves.append(net(views))
+    loss, info = build_loss(exp, ProcessInfo())([torch.cat(pair) for pair in zip(*halves)])
+    assert len(logged) == 5 and logged[0]["step"] == 5
+    assert logged[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert logged[0]["info_pos_neg_dist"] == pytest.approx(info["info_pos_neg_dist"].item(), rel=1e-4, abs=1e-6)
+    epoch = next(json.loads(line) for line in open(run / "metrics.jsonl") if '"train_loss"' in line
+                 and json.loads(line)["epoch"] == 1)
+    assert epoch["train_loss"] == pytest.approx(sum(s["loss"] for s in logged) / 5)

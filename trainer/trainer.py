@@ -29,7 +29,7 @@ from trainer.checkpoint import load_module_state, rng_state, save_checkpoint, se
 from trainer.precision import Precision
 from trainer.preemption import Preempted, StopSignal
 from trainer.run_dir import RunDir
-from utils.dist import ProcessInfo, all_reduce_sum, any_process, barrier
+from utils.dist import ProcessInfo, all_reduce_mean, any_process, barrier
 from utils.optim import cosine_with_warmup, set_learning_rate
 from utils.schema import CUDA_GRAPH_MODES, TrainerSettings
 from utils.tracking import Tracker, epoch_summary
@@ -323,11 +323,14 @@ class Trainer:
         raise RuntimeError(f"epoch {epoch}, step {step}: no image of the batch could be decoded")
 
     def _flush(self, pending: list[tuple], epoch: int, rate: float, totals: dict, bar: tqdm) -> None:
-        """Read the pending steps' metrics back in one transfer, check them, write them."""
+        """Average the pending steps' metrics over the processes, read them back in one transfer,
+        check them, write them. Each process's loss (and similarity statistics) is the mean over
+        its part of the global batch, the parts are equal, so the average is the global batch's:
+        what one process on the whole batch logs. A non-finite loss anywhere stops every process."""
         info_keys = pending[0][3]
-        values = torch.stack([p[2] for p in pending]).cpu()  # [steps, 2 + len(info_keys)]
-        bad = all_reduce_sum((~torch.isfinite(values[:, 0])).any().float().to(self.proc.device))
-        if bad.item() > 0:
+        rows = torch.stack([p[2] for p in pending])  # [steps, 2 + len(info_keys)], this process's
+        values = all_reduce_mean(rows).cpu()
+        if not torch.isfinite(values[:, 0]).all():
             where = self.run.checkpoint() if self.run else "none"
             raise NonFiniteLossError(
                 f"the loss became non-finite in epoch {epoch} (steps {pending[0][0]}-{pending[-1][0]}); "

@@ -154,6 +154,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over all processes (a new tensor)."""
+    return all_reduce_sum(x) / get_world_size()
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is true on any of them (a CPU all-reduce)."""
     if get_world_size() == 1:
