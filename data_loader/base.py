@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import signal
 
+import numpy as np
 import torch
 
 from utils.config import ConfigError
@@ -61,6 +63,19 @@ def batch_generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Ge
     """A CPU generator for one batch, depending only on (seed, epoch, step, rank), so that any batch
     can be produced without producing the ones before it."""
     return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1009 + rank) % (2**63 - 1))
+
+
+def seed_in_process(num_workers: int, generator: torch.Generator) -> None:
+    """With `num_workers` 0 a loader's recipe runs in this process and draws from its global
+    generators (Python, NumPy, torch): seed them from `generator` at the start of a pass, as the
+    DataLoader seeds a worker process's. The views then depend on (seed, epoch, rank) alone, as
+    with workers: a resumed epoch, which reads and drops its earlier batches, repeats them exactly,
+    and processes draw different crops. Nothing else in training draws from these generators."""
+    if num_workers == 0:
+        seed = int(torch.randint(2**62, (), generator=generator))
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
 
 
 def ignore_interrupts(worker_id: int) -> None:

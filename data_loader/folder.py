@@ -16,7 +16,7 @@ for absent data); the folder is scanned on first use.
   seen exactly once and gathering in rank order restores the order. An undecodable image is an
   error naming the file.
 
-Augmentations are seeded from (seed, epoch, rank) when num_workers > 0, as in the shard loader.
+Augmentations are seeded from (seed, epoch, rank), as in the shard loader (data_loader.base.seed_in_process).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from data_loader.base import (
     eval_shard,
     ignore_interrupts,
     per_process_batch,
+    seed_in_process,
     train_indices,
 )
 from data_loader.gpu_augment import DecodeOn, split_work
@@ -199,6 +200,7 @@ class ImageFolderLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         dataset = FolderBatches(self.samples, self.transform, self.training)
+        seed_in_process(self.num_workers, epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank))
         loader = DataLoader(dataset, sampler=self.batches(), batch_size=None, num_workers=self.num_workers,
                             generator=epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank),
                             worker_init_fn=ignore_interrupts,  # a Ctrl-C is the training process's to handle

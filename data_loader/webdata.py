@@ -22,8 +22,8 @@ Two modes, chosen by the config:
   order. An undecodable image is an error naming the shard and the key.
 
 Sample shuffling and shard order depend only on (runtime.seed, epoch, rank, worker); the
-augmentations too when num_workers > 0 (each epoch's DataLoader draws its workers' seeds from a
-generator seeded the same way; with num_workers 0 they come from the process's global RNG).
+augmentations too (each epoch's DataLoader draws its workers' seeds from a generator seeded the same
+way; with num_workers 0 the process's global generators are seeded so: `seed_in_process`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_loader.base import DataError, LoaderRuntime, epoch_generator, ignore_interrupts, per_process_batch
+from data_loader.base import (
+    DataError,
+    LoaderRuntime,
+    epoch_generator,
+    ignore_interrupts,
+    per_process_batch,
+    seed_in_process,
+)
 from data_loader.gpu_augment import DecodeOn, split_work
 from data_loader.transforms import (
     Batch,
@@ -236,6 +243,7 @@ class WebLoader:
         rank, seed = self.runtime.rank, self.runtime.seed
         stream = ShardStream(self.process_shards(), self.transform, self.batch_size, self.training, self.shuffle,
                              seed_key=f"seed {seed}/epoch {self.epoch}/rank {rank}")
+        seed_in_process(self.num_workers, epoch_generator(seed + 1, self.epoch, rank))
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             generator=epoch_generator(seed + 1, self.epoch, rank),
                             worker_init_fn=ignore_interrupts,  # a Ctrl-C is the training process's to handle

@@ -789,6 +789,47 @@ def test_sigterm_while_prefetching_saves_and_resumes_exactly(data, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["shards", "folder"])
+def test_augmentation_without_workers_depends_on_seed_epoch_and_rank_only(data, tmp_path, kind):
+    """num_workers 0: the recipe runs in the training process, on its global generators. Its views
+    must not depend on what those went through before (a resume restores the generators of the
+    moment of the stop, then reads and drops the epoch's earlier batches), and two processes (each
+    seeded alike by train.py) must not draw the same crops: here both ranks' images are one picture."""
+    import random
+
+    def views(rank: int, world: int, start_step: int, noise: int, root=None) -> list[list[torch.Tensor]]:
+        if kind == "shards":
+            loader = web(root or data.pattern("train"), 24, 8, 4 * world, rank=rank, world=world,
+                         transform_type="dino", n_augs=2)
+        else:
+            loader = ImageFolderLoader(LoaderRuntime(rank, world, 0), str(root or data.raw), shuffle=True,
+                                       batch_size=4 * world, transform_type="dino", n_augs=2)
+        loader.set_epoch(1, start_step)
+        random.seed(noise)
+        torch.manual_seed(noise)
+        np.random.seed(noise)
+        return [batch for batch, _ in loader]
+
+    straight, resumed = views(0, 1, 0, noise=1), views(0, 1, 2, noise=2)
+    assert len(straight) == 6 and len(resumed) == 4
+    for a, b in zip(straight[2:], resumed):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+    same = tmp_path / "same"
+    picture = Image.effect_mandelbrot((160, 120), (-2.0, -1.2, 1.0, 1.2), 60).convert("RGB")
+    for split, count in (("train", 24), ("val", 1)):
+        (same / split / "c0").mkdir(parents=True)
+        for i in range(count):
+            picture.save(same / split / "c0" / f"c0_{i}.JPEG", quality=95)
+    if kind == "shards":
+        run_script(same, tmp_path / "same_shards", "--train-shard-size", "4", "--val-shard-size", "1")
+        root = shard_pattern(tmp_path / "same_shards" / "train", "train")
+    else:
+        root = same
+    rank0, rank1 = views(0, 2, 0, noise=3, root=root), views(1, 2, 0, noise=3, root=root)
+    assert not torch.equal(rank0[0][0], rank1[0][0])
+
+
+@pytest.mark.parametrize("kind", ["shards", "folder"])
 def test_loader_workers_ignore_ctrl_c(data, kind):
     """A Ctrl-C in the terminal reaches the loader's worker processes too: they keep going (had
     one died, the DataLoader would raise that it exited unexpectedly), so that the training
