@@ -132,8 +132,8 @@ class DigitsLoader:
     def __len__(self) -> int:
         return len(self._batches())
 
-    def check_data(self) -> None:
-        """Nothing to check: the digits ship with scikit-learn."""
+    def check_data(self, labelled: bool = False) -> None:
+        """Nothing to check: the digits ship with scikit-learn, with their labels."""
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         images, labels = load_digits_split()[self.split]

@@ -3,8 +3,10 @@
 
 `root/train/<class>/*` and `root/val/<class>/*` (no devkit needed). The class indices are the sorted
 folder names of `root/train`, for both splits, so that a val split missing a class keeps the
-indices of the train split. Building a loader does not look at the folder (a dry run builds loaders
-for absent data); the folder is scanned on first use.
+indices of the train split. Images without classes (your own, unlabelled) go directly into
+`root/train/`: they train (labels `UNLABELLED`, -1), but cannot feed an evaluator, which needs
+classes. Building a loader does not look at the folder (a dry run builds loaders for absent data);
+the folder is scanned on first use.
 
 - Training (`train: true` with `shuffle: true`): every epoch one permutation of the split from
   (seed, epoch), the same on every process; `n // batch_size` steps, process r taking its slice of
@@ -27,7 +29,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
 from data_loader.base import (
     DataError,
@@ -50,17 +52,34 @@ from data_loader.transforms import (
 from utils.logging import get_logger
 from utils.registry import DATALOADERS
 
+UNLABELLED = -1  # the label of the images of a `train/` folder without class folders
+
 
 def scan_split(root: Path, split: str) -> list[tuple[str, int]]:
     """[(image path, class index)] of `root/split`, sorted by class then file name; the classes are
-    the sorted folder names of `root/train`."""
+    the sorted folder names of `root/train`. A `root/train` that holds image files and no folders
+    is unlabelled: [(image path, UNLABELLED)] sorted by name, for the train split only."""
     train_dir, split_dir = root / "train", root / split
     for folder in (train_dir, split_dir):
         if not folder.is_dir():
             raise DataError(f"root: {folder}: no such folder (image_folder_dataloader reads root/train/<class>/* "
-                            f"and root/val/<class>/*)")
+                            f"and root/val/<class>/*, or unlabelled images in root/train/)")
+    entries = list(train_dir.iterdir())
+    loose = sorted(str(p) for p in entries if p.is_file() and has_file_allowed_extension(p.name, IMG_EXTENSIONS))
+    class_folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    if loose and class_folders:
+        raise DataError(f"root: {train_dir} holds {len(class_folders)} class folders and {len(loose)} image files "
+                        f"outside them ({Path(loose[0]).name}, ...): put every image in a class folder, or, "
+                        f"to train without labels, every image directly in {train_dir}")
+    if loose:
+        if split != "train":
+            raise DataError(f"root: {split_dir}: the images of {train_dir} are not in class folders (unlabelled), "
+                            f"so there are no classes to read {split_dir} by")
+        return [(path, UNLABELLED) for path in loose]
+    if not class_folders:
+        raise DataError(f"root: {train_dir}: no class folders and no image files ({', '.join(IMG_EXTENSIONS)})")
     classes, class_to_idx = find_classes(train_dir)
-    unknown = sorted(set(find_classes(split_dir)[0]) - set(classes))
+    unknown = sorted({p.name for p in split_dir.iterdir() if p.is_dir()} - set(classes))
     if unknown:
         raise DataError(f"root: {split_dir}: class folders {unknown[:5]} are not in {train_dir}")
     samples = make_dataset(split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
@@ -126,7 +145,8 @@ class ImageFolderLoader:
 
     Args:
         runtime: rank, world size and seed (given by the program).
-        root: the folder holding `train/` and `val/`, each with one folder of images per class.
+        root: the folder holding `train/` and `val/`, each with one folder of images per class
+            (or `train/` alone, holding unlabelled images directly: training only).
         shuffle: a new order every epoch; with `train`, a training pass (full batches, the last
             partial global batch dropped); without, an evaluation pass in a shuffled order.
         batch_size: the global batch; each process yields batch_size / world_size samples per step.
@@ -194,8 +214,13 @@ class ImageFolderLoader:
     def __len__(self) -> int:
         return len(self.batches())
 
-    def check_data(self) -> None:
-        """DataError when the split's folder or images are missing, or make no batch."""
+    def check_data(self, labelled: bool = False) -> None:
+        """DataError when the split's folder or images are missing, or make no batch, or when
+        `labelled` (the loader feeds an evaluator) and the images have no classes."""
+        if labelled and self.samples[0][1] == UNLABELLED:
+            raise DataError(f"root: {self.root / self.split}: the images are not in class folders (unlabelled); "
+                            f"the evaluators need classes: set `evaluator: null` and `valid_dataloader: null` "
+                            f"to train on them (configs/examples/own_images.yaml)")
         len(self)
 
     def __iter__(self) -> Iterator[Batch]:

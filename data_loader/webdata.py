@@ -229,9 +229,9 @@ class WebLoader:
         return sum(math.ceil(round(len(range(w, local, workers)) * per_shard) / self.batch_size)
                    for w in range(workers))
 
-    def check_data(self) -> None:
+    def check_data(self, labelled: bool = False) -> None:
         """DataError when shard files given as local paths do not exist (URLs and `pipe:` commands
-        are not checked)."""
+        are not checked). Shards always carry labels (`labelled` asks for them)."""
         local = [url for url in self.urls if "://" not in url and not url.startswith("pipe:")]
         missing = [url for url in local if not os.path.isfile(url)]
         if missing:

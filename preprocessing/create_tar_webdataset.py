@@ -88,6 +88,9 @@ def read_image_folders(root: Path, splits: list[str]) -> Source:
     """An extracted tree `root/<split>/<class>/*`; the classes are the sorted folders of `root/train`."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+    if not any(p.is_dir() and not p.name.startswith(".") for p in (root / "train").iterdir()):
+        raise ValueError(f"{root / 'train'}: no class folders; a shard stores a class with every image. "
+                         f"Unlabelled images train from their folder: configs/examples/own_images.yaml")
     classes, class_to_idx = find_classes(root / "train")
     samples = {}
     for split in splits:

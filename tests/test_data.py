@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from data_loader.base import DataError, LoaderRuntime, batch_generator
-from data_loader.folder import ImageFolderLoader
+from data_loader.folder import UNLABELLED, ImageFolderLoader
 from data_loader.transforms import (
     MEAN,
     STD,
@@ -549,6 +549,78 @@ def test_folder_training_multicrop(data):
     loader = folder(data.raw, True, 6, transform_type="dino_multicrop", n_augs=8, num_workers=2)
     views, target = next(iter(loader))
     assert [tuple(v.shape) for v in views] == [(6, 3, 224, 224)] * 2 + [(6, 3, 96, 96)] * 6 and len(target) == 6
+
+
+def test_folder_of_unlabelled_images_trains_but_feeds_no_evaluator(tmp_path):
+    """Images directly in root/train (no class folders): training batches with labels -1, every
+    image once per epoch; an evaluator's loader on them is refused by name."""
+    for i in range(20):
+        write_image(tmp_path / "own" / "train" / f"photo_{i:02d}.jpg", "rgb", grid_colour(i), (48, 40))
+    (tmp_path / "own" / "train" / "notes.txt").write_text("not an image")
+    (tmp_path / "own" / "train" / ".ipynb_checkpoints").mkdir()
+    loader = folder(tmp_path / "own", True, 10, transform_type="val")
+    loader.check_data()
+    batches = list(loader)
+    assert len(batches) == 2 and all(labels.tolist() == [UNLABELLED] * 10 for _, labels in batches)
+    colours = {tuple(int(c) for c in colour) for views, _ in batches for colour in view_colours(views[0])}
+    assert len(colours) == 20
+    with pytest.raises(DataError, match=r"own/train: the images are not in class folders \(unlabelled\); the "
+                                        r"evaluators need classes"):
+        folder(tmp_path / "own", False, 10, train=True).check_data(labelled=True)
+    (tmp_path / "own" / "val").mkdir()
+    with pytest.raises(DataError, match="not in class folders .* no classes to read .*own/val by"):
+        len(folder(tmp_path / "own", False, 10, train=False))
+
+
+def test_writer_refuses_unlabelled_images(tmp_path):
+    write_image(tmp_path / "own" / "train" / "a.jpg", "rgb", (200, 0, 0), (32, 32))
+    (tmp_path / "own" / "val").mkdir()
+    with pytest.raises(ValueError, match="own/train: no class folders; .* configs/examples/own_images.yaml"):
+        run_script(tmp_path / "own", tmp_path / "out")
+
+
+def test_folder_errors_name_the_problem(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="empty/train: no class folders and no image files"):
+        len(folder(tmp_path / "empty", True, 4))
+    write_image(tmp_path / "mixed" / "train" / "cat" / "a.jpg", "rgb", (200, 0, 0), (32, 32))
+    write_image(tmp_path / "mixed" / "train" / "stray.jpg", "rgb", (0, 200, 0), (32, 32))
+    with pytest.raises(DataError, match=r"mixed/train holds 1 class folders and 1 image files outside them "
+                                        r"\(stray.jpg, ...\)"):
+        len(folder(tmp_path / "mixed", True, 1))
+    write_image(tmp_path / "flat_val" / "train" / "cat" / "a.jpg", "rgb", (200, 0, 0), (32, 32))
+    write_image(tmp_path / "flat_val" / "val" / "b.jpg", "rgb", (200, 0, 0), (32, 32))
+    with pytest.raises(DataError, match="flat_val/val: no image files .* in its class folders"):
+        len(folder(tmp_path / "flat_val", False, 1, train=False))
+
+
+def test_train_on_own_unlabelled_images_with_the_example_config(tmp_path, capsys):
+    """configs/examples/own_images.yaml on a folder of loose JPEGs (a small model for the test);
+    the same folder given to the k-NN evaluator stops before a run folder is made."""
+    import train
+
+    for i in range(24):
+        write_image(tmp_path / "own" / "train" / f"img{i}.jpg", "rgb", grid_colour(i), (64, 48))
+    argv = ["--config", str(Path(__file__).parents[1] / "configs" / "examples" / "own_images.yaml"), "--device",
+            "cpu", f"train_dataloader.args.root={tmp_path / 'own'}", "train_dataloader.args.batch_size=12",
+            "train_dataloader.args.num_workers=1", "encoder.args.arch=resnet18", "encoder.args.width=8",
+            "projection.args.num_layers=2", "projection.args.output_dim=32", "loss.args.topk_neg=5",
+            "trainer.epochs=1", "trainer.log_step=1", "seed=0", f"save_dir={tmp_path / 'out'}"]
+    assert train.main(argv) == 0
+    run = next((tmp_path / "out" / "models" / "own_images").iterdir())
+    steps = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
+    assert [s["step"] for s in steps] == [0, 1] and all(np.isfinite(s["loss"]) for s in steps)
+    assert (run / "latest_model.pth").is_file()
+
+    knn = ("evaluator=[{type: KNNEvaluator, args: {k: [3], num_classes: 1, temperature: 0.07, "
+           "apply_evaluator_per_epoch: 1}}]")
+    loaders = (f"valid_dataloader=[{{type: image_folder_dataloader, args: {{root: {tmp_path / 'own'}, "
+               f"shuffle: false, batch_size: 8, train: true}}}}, {{type: image_folder_dataloader, args: "
+               f"{{root: {tmp_path / 'own'}, shuffle: false, batch_size: 8, train: false}}}}]")
+    capsys.readouterr()
+    assert train.main([*argv[:-1], knn, loaders, f"save_dir={tmp_path / 'refused'}"]) == 2
+    assert "the images are not in class folders (unlabelled); the evaluators need classes" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
 
 def test_folder_training_refills_a_batch_with_a_corrupt_image(corrupt, warnings_of_groco):
