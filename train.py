@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from data_loader.base import LoaderRuntime
+from model.loss import check_batches
 from trainer.precision import make_precision
 from trainer.run_dir import RunDir, write_json
 from trainer.setup import (
@@ -51,6 +52,7 @@ def train(args, config, exp, checkpoint, proc) -> int:
     derived = derive(exp, proc.world_size, steps_per_epoch(train_loader) if args.dry_run else len(train_loader))
     net = build_model(exp, proc)
     loss_fn = build_loss(exp, proc)
+    check_batches(loss_fn, train_loader.n_augs, train_loader.global_batch_size)
     optimizer = build_optimizer(exp, net, derived["learning_rate"])
     evaluations = build_evaluations(exp, runtime, proc.distributed)
     precision = make_precision(exp.trainer.mixed_precision, proc.device)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.sorting import relaxed_rank_mass
+from utils.config import ConfigError
 from utils.dist import gather, gather_with_grad, get_rank
 from utils.registry import LOSSES
 
@@ -244,10 +245,10 @@ class GroCo(nn.Module):
         super().__init__()
         n_pos_augs = n_augs if n_pos_augs is None else n_pos_augs
         if not 2 <= n_pos_augs <= n_augs:
-            raise ValueError(f"loss.args: need 2 <= n_pos_augs <= n_augs, got n_pos_augs={n_pos_augs}, "
-                             f"n_augs={n_augs}")
+            raise ConfigError(f"loss.args: need 2 <= n_pos_augs <= n_augs, got n_pos_augs={n_pos_augs}, "
+                              f"n_augs={n_augs}")
         if topk_neg < 1:
-            raise ValueError(f"loss.args.topk_neg must be at least 1, got {topk_neg}")
+            raise ConfigError(f"loss.args.topk_neg must be at least 1, got {topk_neg}")
         self.distributed = distributed
         self.n_augs = n_augs
         self.n_pos_augs = n_pos_augs
@@ -419,6 +420,21 @@ class NTXentAllCombinations(nn.Module):
                 order = [z[n], z[m]] + [v for i, v in enumerate(z) if i not in (n, m)]
                 losses.append(_more_negatives_loss(order, self.temperature, self.distributed, False, None))
         return torch.stack(losses).mean(), {}
+
+
+def check_batches(loss: nn.Module, views: int, global_batch: int) -> None:
+    """ConfigError, before training starts, when the training loader's batches do not fit `loss`:
+    `views` other than the loss's `n_augs` (NT_Xent: fewer than 2), or a `global_batch` that
+    leaves a GroCo anchor fewer than `topk_neg` negatives (the other samples of its view)."""
+    expected = getattr(loss, "n_augs", None)
+    if expected is not None and views != expected:
+        raise ConfigError(f"loss.args.n_augs: the loss takes {expected} views, but the training loader makes "
+                          f"{views} (train_dataloader.args.n_augs)")
+    if views < 2:
+        raise ConfigError(f"train_dataloader.args.n_augs: the loss needs at least 2 views, got {views}")
+    if isinstance(loss, GroCo) and global_batch - 1 < loss.topk_neg:
+        raise ConfigError(f"loss.args.topk_neg: {loss.topk_neg} negatives per anchor need a global batch of at least "
+                          f"{loss.topk_neg + 1} (train_dataloader.args.batch_size), got {global_batch}")
 
 
 # The reference code's names, importable as `from model.loss import NT_Xent, ...`.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from utils.config import ConfigError
 from utils.registry import PROJECTIONS
 
 
@@ -37,7 +38,7 @@ class MLPProjection(nn.Module):
     def __init__(self, input_dim: int, num_layers: int = 3, output_dim: int = 2048, batch_norm_first: bool = False):
         super().__init__()
         if num_layers < 1:
-            raise ValueError(f"projection.args.num_layers must be at least 1, got {num_layers}")
+            raise ConfigError(f"projection.args.num_layers must be at least 1, got {num_layers}")
         self.projection = projection_head(input_dim, num_layers, output_dim, batch_norm_first)
         self.output_dim = output_dim
 

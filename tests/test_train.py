@@ -78,6 +78,29 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
     assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["loss.args.n_augs=3"], "loss.args.n_augs: the loss takes 3 views, but the training loader makes 2"),
+        (["loss={type: NT_XentAllCombinations, args: {n_augs: 4}}"], "loss.args.n_augs: the loss takes 4 views"),
+        (["loss.args.topk_neg=300"], "loss.args.topk_neg: 300 negatives per anchor need a global batch of at least "
+                                     "301 (train_dataloader.args.batch_size), got 256"),
+        (["loss.args.topk_neg=0"], "loss.args.topk_neg must be at least 1, got 0"),
+        (["projection.args.num_layers=0"], "projection.args.num_layers must be at least 1, got 0"),
+    ],
+)
+def test_values_the_built_parts_judge_fail_before_the_run_folder(tmp_path, capsys, extra, message):
+    """Values checked once the loss and model are built (the views and batch against the loss
+    were found only at the first step, with a traceback and a run folder left behind); a dry
+    run refuses them too."""
+    for dry in ([], ["--dry-run"]):
+        assert run_train("--config", QUICKSTART, "--device", "cpu", f"save_dir={tmp_path}", *extra, *dry) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "ERROR" in line]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+        assert not (tmp_path / "models").exists()
+
+
 def test_unknown_arch_is_named_before_the_width(tmp_path, capsys):
     """The quickstart's narrow ResNet (width 16) with a misspelt arch: the error is about the arch."""
     assert run_train("--config", QUICKSTART, f"save_dir={tmp_path}", "encoder.args.arch=resnet19") == 2
