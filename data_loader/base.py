@@ -15,8 +15,10 @@ sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
+import os
 import random
 import signal
 
@@ -81,11 +83,20 @@ def seed_in_process(num_workers: int, generator: torch.Generator) -> None:
         torch.manual_seed(seed)
 
 
-def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: a Ctrl-C in the terminal reaches the loader's worker processes
-    too; they ignore it and keep feeding the training process, which finishes its step and saves
-    (trainer.preemption)."""
+def init_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`.
+
+    - A Ctrl-C in the terminal reaches the loader's worker processes too: they ignore it and keep
+      feeding the training process, which finishes its step and saves (trainer.preemption).
+    - A worker started by spawn or forkserver (the default on macOS, and on Linux from Python
+      3.14) ends as a forked one does, at once, without finalising its interpreter. The
+      DataLoader stops its workers without draining their queues; a queue's thread still sharing
+      a tensor while the interpreter finalises aborts the worker ("terminate called without an
+      active exception", then "DataLoader worker ... is killed by signal: Aborted" at every
+      epoch's end). A forked worker never gets here: multiprocessing ends it with `os._exit`.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    atexit.register(os._exit, 0)  # registered last, so run first: before the finalisation
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> range:

@@ -36,7 +36,7 @@ from data_loader.base import (
     LoaderRuntime,
     epoch_generator,
     eval_shard,
-    ignore_interrupts,
+    init_worker,
     per_process_batch,
     seed_in_process,
     train_indices,
@@ -228,6 +228,6 @@ class ImageFolderLoader:
         seed_in_process(self.num_workers, epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank))
         loader = DataLoader(dataset, sampler=self.batches(), batch_size=None, num_workers=self.num_workers,
                             generator=epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank),
-                            worker_init_fn=ignore_interrupts,  # a Ctrl-C is the training process's to handle
+                            worker_init_fn=init_worker,  # Ctrl-C is the training process's; spawned workers end cleanly
                             pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
         yield from itertools.islice(loader, self.start_step, None)

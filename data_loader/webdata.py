@@ -44,7 +44,7 @@ from data_loader.base import (
     DataError,
     LoaderRuntime,
     epoch_generator,
-    ignore_interrupts,
+    init_worker,
     per_process_batch,
     seed_in_process,
 )
@@ -246,7 +246,7 @@ class WebLoader:
         seed_in_process(self.num_workers, epoch_generator(seed + 1, self.epoch, rank))
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             generator=epoch_generator(seed + 1, self.epoch, rank),
-                            worker_init_fn=ignore_interrupts,  # a Ctrl-C is the training process's to handle
+                            worker_init_fn=init_worker,  # Ctrl-C is the training process's; spawned workers end cleanly
                             pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
         if not self.training:
             yield from itertools.islice(loader, self.start_step, None)

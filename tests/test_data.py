@@ -926,6 +926,33 @@ def test_loader_workers_ignore_ctrl_c(data, kind):
     assert len(rest) == len(loader) - 1 == 5 and first[1].shape == (4,)
 
 
+def test_workers_started_without_fork_end_cleanly(data):
+    """macOS starts DataLoader workers by spawn (Linux from Python 3.14 by forkserver, which ends
+    them the same way). Two epochs of each loader, whose workers are stopped at every epoch's end
+    with batches still queued: no worker aborts (it did, finalising its interpreter while a queue
+    thread shared a tensor)."""
+    script = f"""
+import multiprocessing
+multiprocessing.set_start_method("spawn", force=True)
+from data_loader.base import LoaderRuntime
+from data_loader.folder import ImageFolderLoader
+from data_loader.webdata import WebLoader
+loaders = [WebLoader(LoaderRuntime(), {data.pattern("train")!r}, 24, 8, 4, num_workers=2, transform_type="dino",
+                     n_augs=2),
+           ImageFolderLoader(LoaderRuntime(), {str(data.raw)!r}, True, 4, num_workers=2, transform_type="dino",
+                             n_augs=2)]
+for loader in loaders:
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        print(sum(1 for _ in loader), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["6"] * 4, done.stderr[-3000:]
+    for sign in ("terminate called", "Aborted", "Exception ignored"):
+        assert sign not in done.stderr, done.stderr[-3000:]
+
+
 def test_ctrl_c_to_the_process_group_saves_and_resumes(data, tmp_path):
     """A Ctrl-C in a terminal: SIGINT to train.py and its two loader workers at once. The run
     finishes its step, saves and exits 130 (the shell's code for it), without a
