@@ -308,6 +308,16 @@ def test_ctrl_c_asks_for_a_stop_and_a_second_one_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_runs_where_the_signal_module_has_no_sigusr1(tmp_path):
+    """Windows has no SIGUSR1 (SLURM's warning signal): train.py still imports and trains there."""
+    script = ("import signal, sys; del signal.SIGUSR1; import train; "
+              f"sys.exit(train.main(['--config', {str(QUICKSTART)!r}, '--epochs', '1', '--device', 'cpu', "
+              f"'evaluator=null', 'trainer.init_val=false', 'save_dir={tmp_path}']))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_checkpoint(only_run_dir(tmp_path, "quickstart") / "latest_model.pth")["epoch"] == 0
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, small_quickstart):
     assert run_train(*small_quickstart, "--epochs", "1", *FAST) == 0
     good = only_run_dir(tmp_path, "quickstart") / "latest_model.pth"

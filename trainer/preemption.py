@@ -18,7 +18,8 @@ from utils.dist import any_process
 
 log = logging.getLogger("groco")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SIGUSR1: Optional[int] = getattr(signal, "SIGUSR1", None)  # None on Windows, which has no SIGUSR1
+STOP_SIGNALS = tuple(sig for sig in (signal.SIGTERM, SIGUSR1, signal.SIGINT) if sig is not None)
 
 
 class Preempted(Exception):
@@ -64,7 +65,7 @@ class StopSignal:
 def requeue_under_slurm(signum: int) -> None:
     """After SIGUSR1 inside a SLURM job, put the job back in the queue (`scontrol requeue`)."""
     job = os.environ.get("SLURM_JOB_ID")
-    if signum != signal.SIGUSR1 or not job:
+    if SIGUSR1 is None or signum != SIGUSR1 or not job:
         return
     if shutil.which("scontrol") is None:
         log.warning("SLURM job %s: scontrol not found, the job is not requeued", job)

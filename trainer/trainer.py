@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
 import time
 from typing import Any, Optional
 
@@ -27,7 +26,7 @@ from data_loader.prefetch import Prefetcher
 from data_loader.transforms import PackedImages
 from trainer.checkpoint import load_module_state, rng_state, save_checkpoint, set_rng_state, unwrap
 from trainer.precision import Precision
-from trainer.preemption import Preempted, StopSignal
+from trainer.preemption import SIGUSR1, Preempted, StopSignal
 from trainer.run_dir import RunDir
 from utils.dist import ProcessInfo, all_reduce_mean, any_process, barrier
 from utils.optim import cosine_with_warmup, set_learning_rate
@@ -143,8 +142,8 @@ class Trainer:
         """The signal that stopped the run, the same on every process: SIGUSR1 (SLURM's warning
         before the time limit, which asks for a requeue) if any process received it, else this
         process's own (0 when only another process received one). A collective."""
-        if any_process(self.stop.signum == signal.SIGUSR1):
-            return signal.SIGUSR1
+        if SIGUSR1 is not None and any_process(self.stop.signum == SIGUSR1):
+            return SIGUSR1
         return self.stop.signum or 0
 
     def save(self, epoch: int) -> None:
