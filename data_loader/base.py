@@ -33,14 +33,15 @@ class DataError(ConfigError):
     bad config value (one line, exit status 2), before a run folder is made: `check_data`."""
 
 
-def check_data(loaders, evaluation_loaders=()) -> None:
-    """Raise DataError if any of `loaders` or `evaluation_loaders` would find its data missing
-    (image folders are scanned, local shard files looked up), or if one of `evaluation_loaders`
-    (which feed evaluators) has no labels; dry runs skip this."""
+def check_data(loaders, evaluated=()) -> None:
+    """Raise DataError if any of `loaders` would find its data missing (image folders are scanned,
+    local shard files looked up), or if a loader of `evaluated` ((loader, num_classes) pairs: it
+    feeds an evaluator of num_classes classes) has images without classes or with more classes;
+    dry runs skip this."""
     for loader in loaders:
         loader.check_data()
-    for loader in evaluation_loaders:
-        loader.check_data(labelled=True)
+    for loader, num_classes in evaluated:
+        loader.check_data(num_classes=num_classes)
 
 
 @dataclasses.dataclass(frozen=True)

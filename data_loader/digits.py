@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
 from data_loader.base import (
+    DataError,
     LoaderRuntime,
     batch_generator,
     epoch_generator,
@@ -132,8 +133,10 @@ class DigitsLoader:
     def __len__(self) -> int:
         return len(self._batches())
 
-    def check_data(self, labelled: bool = False) -> None:
-        """Nothing to check: the digits ship with scikit-learn, with their labels."""
+    def check_data(self, num_classes: Optional[int] = None) -> None:
+        """The digits ship with scikit-learn; an evaluator of theirs (`num_classes`) needs 10 classes."""
+        if num_classes is not None and num_classes < 10:
+            raise DataError(f"num_classes: {num_classes}, but the digits have 10 classes")
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         images, labels = load_digits_split()[self.split]

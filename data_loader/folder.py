@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -214,13 +214,19 @@ class ImageFolderLoader:
     def __len__(self) -> int:
         return len(self.batches())
 
-    def check_data(self, labelled: bool = False) -> None:
-        """DataError when the split's folder or images are missing, or make no batch, or when
-        `labelled` (the loader feeds an evaluator) and the images have no classes."""
-        if labelled and self.samples[0][1] == UNLABELLED:
-            raise DataError(f"root: {self.root / self.split}: the images are not in class folders (unlabelled); "
-                            f"the evaluators need classes: set `evaluator: null` and `valid_dataloader: null` "
-                            f"to train on them (configs/examples/own_images.yaml)")
+    def check_data(self, num_classes: Optional[int] = None) -> None:
+        """DataError when the split's folder or images are missing, or make no batch; with
+        `num_classes` (the loader feeds an evaluator of that many classes), also when the images
+        have no classes, or more."""
+        if num_classes is not None:
+            if self.samples[0][1] == UNLABELLED:
+                raise DataError(f"root: {self.root / self.split}: the images are not in class folders (unlabelled); "
+                                f"the evaluators need classes: set `evaluator: null` and `valid_dataloader: null` "
+                                f"to train on them (configs/examples/own_images.yaml)")
+            classes = len(find_classes(self.root / "train")[0])  # the labels index these
+            if classes > num_classes:
+                raise DataError(f"num_classes: {num_classes}, but {self.root / 'train'} has {classes} class folders; "
+                                f"set the evaluators' num_classes to {classes}")
         len(self)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -33,7 +33,7 @@ import math
 import os
 import pickle
 import random
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, Optional
 
 import braceexpand
 import torch
@@ -229,9 +229,10 @@ class WebLoader:
         return sum(math.ceil(round(len(range(w, local, workers)) * per_shard) / self.batch_size)
                    for w in range(workers))
 
-    def check_data(self, labelled: bool = False) -> None:
+    def check_data(self, num_classes: Optional[int] = None) -> None:
         """DataError when shard files given as local paths do not exist (URLs and `pipe:` commands
-        are not checked). Shards always carry labels (`labelled` asks for them)."""
+        are not checked). Shards always carry classes; whether they stay under an evaluator's
+        `num_classes` shows only when they are read."""
         local = [url for url in self.urls if "://" not in url and not url.startswith("pipe:")]
         missing = [url for url in local if not os.path.isfile(url)]
         if missing:

@@ -566,7 +566,7 @@ def test_folder_of_unlabelled_images_trains_but_feeds_no_evaluator(tmp_path):
     assert len(colours) == 20
     with pytest.raises(DataError, match=r"own/train: the images are not in class folders \(unlabelled\); the "
                                         r"evaluators need classes"):
-        folder(tmp_path / "own", False, 10, train=True).check_data(labelled=True)
+        folder(tmp_path / "own", False, 10, train=True).check_data(num_classes=1000)
     (tmp_path / "own" / "val").mkdir()
     with pytest.raises(DataError, match="not in class folders .* no classes to read .*own/val by"):
         len(folder(tmp_path / "own", False, 10, train=False))

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from data_loader.base import LoaderRuntime, epoch_generator, eval_shard, train_indices
+from data_loader.base import DataError, LoaderRuntime, epoch_generator, eval_shard, train_indices
 from data_loader.folder import ImageFolderLoader
 from model.encoder import ResNetEncoder
 from model.projection import MLPProjection, SSLModel
@@ -352,6 +352,20 @@ def test_linear_probe_batch_must_match_its_loader():
     with pytest.raises(ValueError, match="batch_size 128 differs from its training loader's batch_size 32"):
         probe.evaluate(FeatureEncoder(8), TensorLoader(x, y, 32, True), TensorLoader(x, y, 32, False),
                        torch.device("cpu"))
+
+
+def test_evaluators_name_labels_beyond_num_classes():
+    """Blobs of 4 classes given to evaluators of 3: one clear error each, not cross-entropy's index
+    error (a device assert on CUDA) or a wrong vote."""
+    x, y = blobs(64, seed=0)
+    probe = LinearProbingEvaluator(hyperparams=[probe_settings("_a", 32, 1, 0.1, True)], num_classes=3)
+    with pytest.raises(DataError, match=r"linear probe: labels span \[0, 3\] but num_classes is 3"):
+        probe.evaluate(FeatureEncoder(8), TensorLoader(x, y, 32, True), TensorLoader(x, y, 32, False),
+                       torch.device("cpu"))
+    knn = KNNEvaluator(num_classes=3, k=[1], mute_tqdm=True)
+    with pytest.raises(DataError, match=r"k-NN: bank labels span \[0, 3\] but num_classes is 3"):
+        knn.evaluate(FeatureEncoder(8), TensorLoader(x, y, 32, False), TensorLoader(x, y, 32, False),
+                     torch.device("cpu"))
 
 
 def test_linear_probe_on_several_processes_needs_a_training_loader():

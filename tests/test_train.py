@@ -110,12 +110,20 @@ def test_unknown_arch_is_named_before_the_width(tmp_path, capsys):
 
 def test_missing_data_is_one_clear_line_before_any_run_folder(tmp_path, capsys):
     """A folder that is not there, a split smaller than one training batch, shards that were never
-    written: exit status 2 with one line naming the argument and the path, and no run folder."""
-    tiny = tmp_path / "tiny"
+    written, an evaluator with fewer classes than the data: exit status 2 with one line naming the
+    argument and the path, and no run folder."""
+    tiny, three = tmp_path / "tiny", tmp_path / "three"
     for split in ("train", "val"):
         (tiny / split / "a").mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (40, 30), (60 * i, 0, 0)).save(tiny / split / "a" / f"{i}.jpg")
+            (three / split / "abc"[i]).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (60 * i, 0, 0)).save(three / split / "abc"[i] / f"{i}.jpg")
+    knn_of_two = [f"train_dataloader.args.root={three}", "train_dataloader.args.batch_size=3", "loss.args.topk_neg=1",
+                  f"valid_dataloader=[{{type: image_folder_dataloader, args: {{root: {three}, shuffle: false, "
+                  f"batch_size: 4, train: true}}}}, {{type: image_folder_dataloader, args: {{root: {three}, "
+                  f"shuffle: false, batch_size: 4, train: false}}}}]",
+                  "evaluator=[{type: KNNEvaluator, args: {k: [1], num_classes: 2, temperature: 0.07}}]"]
     folders = ["--config", "configs/examples/imagenet_folders.yaml", "evaluator=null", "--device", "cpu",
                f"save_dir={tmp_path}"]
     cases = [
@@ -127,6 +135,9 @@ def test_missing_data_is_one_clear_line_before_any_run_folder(tmp_path, capsys):
                     f"valid_dataloader.0.args.shards={tmp_path}/train-{{0..3}}.tar", "--device", "cpu",
                     f"save_dir={tmp_path}"],
          f"shards: 4 of the 4 shard files do not exist, the first {tmp_path}/train-0.tar"),
+        (run_train, [*folders, *knn_of_two], f"num_classes: 2, but {three / 'train'} has 3 class folders"),
+        (run_train, ["--config", QUICKSTART, "--device", "cpu", "evaluator.0.args.num_classes=5",
+                     f"save_dir={tmp_path}"], "num_classes: 5, but the digits have 10 classes"),
     ]
     for run, argv, message in cases:
         capsys.readouterr()

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from data_loader.base import DataError
 from trainer.features import comm_device, extract_features
 from utils.config import ConfigError
 from utils.dist import all_reduce_sum, get_rank
@@ -219,10 +220,10 @@ class KNNEvaluator:
 
     def _check_bank(self, bank_f: torch.Tensor, bank_l: torch.Tensor) -> None:
         if bank_f.shape[0] < max(self.ks):
-            raise ValueError(f"k-NN: the bank holds {bank_f.shape[0]} samples, fewer than k={max(self.ks)}")
+            raise DataError(f"k-NN: the bank holds {bank_f.shape[0]} samples, fewer than k={max(self.ks)}")
         if int(bank_l.max()) >= self.num_classes or int(bank_l.min()) < 0:
-            raise ValueError(f"k-NN: bank labels span [{int(bank_l.min())}, {int(bank_l.max())}] but num_classes "
-                             f"is {self.num_classes}")
+            raise DataError(f"k-NN: bank labels span [{int(bank_l.min())}, {int(bank_l.max())}] but num_classes "
+                            f"is {self.num_classes}")
 
     def _check_total(self, counts: KNNCounts, query_loader) -> None:
         expected = getattr(query_loader, "num_samples", None)
