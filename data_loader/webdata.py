@@ -29,10 +29,12 @@ way; with num_workers 0 the process's global generators are seeded so: `seed_in_
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import pickle
 import random
+from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
 
 import braceexpand
@@ -231,14 +233,25 @@ class WebLoader:
 
     def check_data(self, num_classes: Optional[int] = None) -> None:
         """DataError when shard files given as local paths do not exist (URLs and `pipe:` commands
-        are not checked). Shards always carry classes; whether they stay under an evaluator's
-        `num_classes` shows only when they are read."""
+        are not checked). With `num_classes` (the loader feeds an evaluator of that many classes),
+        also when the shard writer's `metadata.json` beside the shards' folder lists no classes
+        (unlabelled images) or more; without that file the labels show only when read."""
         local = [url for url in self.urls if "://" not in url and not url.startswith("pipe:")]
         missing = [url for url in local if not os.path.isfile(url)]
         if missing:
             raise DataError(f"shards: {len(missing)} of the {len(self.urls)} shard files do not exist, "
                             f"the first {missing[0]}; write them with preprocessing/create_tar_webdataset.py "
                             f"(README, Data preparation)")
+        metadata = Path(local[0]).parent.parent / "metadata.json" if local else None
+        if num_classes is None or metadata is None or not metadata.is_file():
+            return
+        classes = len(json.loads(metadata.read_text()).get("classes", []))
+        if classes == 0:
+            raise DataError(f"shards: {metadata} lists no classes (unlabelled images); the evaluators need "
+                            f"classes: set `evaluator: null` and `valid_dataloader: null` to train on them")
+        if classes > num_classes:
+            raise DataError(f"num_classes: {num_classes}, but {metadata} lists {classes} classes; set the "
+                            f"evaluators' num_classes to {classes}")
 
     def __iter__(self) -> Iterator[Batch]:
         rank, seed = self.runtime.rank, self.runtime.seed

@@ -11,6 +11,9 @@ Input, either of:
 - an extracted tree `train/<class>/*`, `val/<class>/*` of any image-folder dataset: the sorted
   folder names of `train/` give the class indices, and a folder's name is its class's `wnid` and
   name.
+- unlabelled images directly in `train/` (no class folders), with `--splits train`: every sample's
+  `cls` is -1 and its `wnid` empty, and `metadata.json` lists no classes. They train; evaluators
+  refuse them (they need classes).
 
 Output: `OUT/train/imagenet-train-%06d.tar` (2,000 samples each), `OUT/val/imagenet-val-%06d.tar`
 (500 each) and `OUT/metadata.json` (`wnids`, `classes`, `wnid_to_idx`, `class_to_idx`). A sample is
@@ -43,6 +46,7 @@ logger = logging.getLogger("create_tar_webdataset")
 IMAGENET_FILES = ("meta.bin", "ILSVRC2012_devkit_t12.tar.gz", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 SPLITS = ("train", "val")
 PARTIAL_SUFFIX = ".partial"
+UNLABELLED = -1  # the class of an image without one (data_loader.folder.UNLABELLED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +92,16 @@ def read_image_folders(root: Path, splits: list[str]) -> Source:
     """An extracted tree `root/<split>/<class>/*`; the classes are the sorted folders of `root/train`."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-    if not any(p.is_dir() and not p.name.startswith(".") for p in (root / "train").iterdir()):
-        raise ValueError(f"{root / 'train'}: no class folders; a shard stores a class with every image. "
-                         f"Unlabelled images train from their folder: configs/examples/own_images.yaml")
+    entries = list((root / "train").iterdir())
+    if not any(p.is_dir() and not p.name.startswith(".") for p in entries):
+        loose = sorted(str(p) for p in entries if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
+        if not loose:
+            raise FileNotFoundError(f"{root / 'train'}: no class folders and no image files")
+        if splits != ["train"]:
+            raise ValueError(f"{root / 'train'}: images without class folders (unlabelled) make a train split "
+                             f"alone; pass --splits train")
+        metadata = {"wnids": [], "classes": [], "wnid_to_idx": {}, "class_to_idx": {}}
+        return Source(metadata, {"train": [(path, UNLABELLED) for path in loose]})
     classes, class_to_idx = find_classes(root / "train")
     samples = {}
     for split in splits:
@@ -141,7 +152,8 @@ def sample_keys(paths: list[str]) -> list[str]:
 def make_records(samples: list[tuple[str, int]], wnids: list[str], seed: int) -> list[Record]:
     """Records (keys from `sample_keys`) in a random order fixed by `seed`."""
     keys = sample_keys([path for path, _ in samples])
-    records = [Record(key, path, cls, wnids[cls]) for key, (path, cls) in zip(keys, samples)]
+    records = [Record(key, path, cls, "" if cls == UNLABELLED else wnids[cls])
+               for key, (path, cls) in zip(keys, samples)]
     random.Random(seed).shuffle(records)
     return records
 

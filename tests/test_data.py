@@ -572,11 +572,27 @@ def test_folder_of_unlabelled_images_trains_but_feeds_no_evaluator(tmp_path):
         len(folder(tmp_path / "own", False, 10, train=False))
 
 
-def test_writer_refuses_unlabelled_images(tmp_path):
-    write_image(tmp_path / "own" / "train" / "a.jpg", "rgb", (200, 0, 0), (32, 32))
-    (tmp_path / "own" / "val").mkdir()
-    with pytest.raises(ValueError, match="own/train: no class folders; .* configs/examples/own_images.yaml"):
+def test_unlabelled_images_as_shards(data, tmp_path):
+    """Loose images in train/ shard with `--splits train` alone: class -1, no classes in
+    metadata.json. The shard loader trains on them with labels -1; an evaluator's loader on them,
+    or one of fewer classes than labelled shards list, is refused."""
+    for i in range(12):
+        write_image(tmp_path / "own" / "train" / f"photo_{i:02d}.jpg", "rgb", grid_colour(i), (48, 40))
+    with pytest.raises(ValueError, match="own/train: images without class folders .* pass --splits train"):
         run_script(tmp_path / "own", tmp_path / "out")
+    assert run_script(tmp_path / "own", tmp_path / "out", "--splits", "train", "--train-shard-size", "4") == {
+        "train": 12}
+    assert json.loads((tmp_path / "out" / "metadata.json").read_text())["classes"] == []
+    loader = web(shard_pattern(tmp_path / "out" / "train", "train"), 12, 4, 6,
+                 transform_type="val")
+    loader.check_data()
+    batches = list(loader)
+    assert len(batches) == 2 and all(labels.tolist() == [-1] * 6 for _, labels in batches)
+    with pytest.raises(DataError, match="metadata.json lists no classes \\(unlabelled images\\)"):
+        loader.check_data(num_classes=1000)
+    with pytest.raises(DataError, match="num_classes: 2, but .*metadata.json lists 3 classes"):
+        web(data.pattern("val"), 13, 0, 4, train=False).check_data(num_classes=2)
+    web(data.pattern("val"), 13, 0, 4, train=False).check_data(num_classes=3)
 
 
 def test_folder_errors_name_the_problem(tmp_path):
