@@ -245,7 +245,13 @@ class WebLoader:
         metadata = Path(local[0]).parent.parent / "metadata.json" if local else None
         if num_classes is None or metadata is None or not metadata.is_file():
             return
-        classes = len(json.loads(metadata.read_text()).get("classes", []))
+        try:
+            listed = json.loads(metadata.read_text()).get("classes")
+        except (OSError, ValueError, AttributeError):  # not the writer's file: the labels show when read
+            return
+        if not isinstance(listed, list):
+            return
+        classes = len(listed)
         if classes == 0:
             raise DataError(f"shards: {metadata} lists no classes (unlabelled images); the evaluators need "
                             f"classes: set `evaluator: null` and `valid_dataloader: null` to train on them")

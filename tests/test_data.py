@@ -590,6 +590,9 @@ def test_unlabelled_images_as_shards(data, tmp_path):
     assert len(batches) == 2 and all(labels.tolist() == [-1] * 6 for _, labels in batches)
     with pytest.raises(DataError, match="metadata.json lists no classes \\(unlabelled images\\)"):
         loader.check_data(num_classes=1000)
+    for other in ("{}", "not JSON", "[1, 2]"):  # another writer's file: the labels are checked when read
+        (tmp_path / "out" / "metadata.json").write_text(other)
+        loader.check_data(num_classes=1000)
     with pytest.raises(DataError, match="num_classes: 2, but .*metadata.json lists 3 classes"):
         web(data.pattern("val"), 13, 0, 4, train=False).check_data(num_classes=2)
     web(data.pattern("val"), 13, 0, 4, train=False).check_data(num_classes=3)
