@@ -84,11 +84,16 @@ def seed_in_process(num_workers: int, generator: torch.Generator) -> None:
         torch.manual_seed(seed)
 
 
+WORKER_IGNORED_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # trainer.preemption's stop signals
+
+
 def init_worker(worker_id: int) -> None:
     """DataLoader `worker_init_fn`.
 
-    - A Ctrl-C in the terminal reaches the loader's worker processes too: they ignore it and keep
-      feeding the training process, which finishes its step and saves (trainer.preemption).
+    - The stop signals reach the loader's worker processes too (a terminal's Ctrl-C, SLURM's
+      SIGUSR1 and SIGTERM): they ignore them and keep feeding the training process, which
+      finishes its step and saves (trainer.preemption). A forked worker would otherwise run a
+      copy of the trainer's handler, a spawned one die.
     - A worker started by spawn or forkserver (the default on macOS, and on Linux from Python
       3.14) ends as a forked one does, at once, without finalising its interpreter. The
       DataLoader stops its workers without draining their queues; a queue's thread still sharing
@@ -96,7 +101,9 @@ def init_worker(worker_id: int) -> None:
       active exception", then "DataLoader worker ... is killed by signal: Aborted" at every
       epoch's end). A forked worker never gets here: multiprocessing ends it with `os._exit`.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in WORKER_IGNORED_SIGNALS:
+        if hasattr(signal, name):  # Windows has no SIGUSR1
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     atexit.register(os._exit, 0)  # registered last, so run first: before the finalisation
 
 

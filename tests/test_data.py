@@ -920,11 +920,12 @@ def test_augmentation_without_workers_depends_on_seed_epoch_and_rank_only(data, 
     assert not torch.equal(rank0[0][0], rank1[0][0])
 
 
-@pytest.mark.parametrize("kind", ["shards", "folder"])
-def test_loader_workers_ignore_ctrl_c(data, kind):
-    """A Ctrl-C in the terminal reaches the loader's worker processes too: they keep going (had
-    one died, the DataLoader would raise that it exited unexpectedly), so that the training
-    process can finish its step and save."""
+@pytest.mark.parametrize("kind,signum", [("shards", "SIGINT"), ("folder", "SIGINT"), ("shards", "SIGUSR1"),
+                                         ("folder", "SIGTERM")])
+def test_loader_workers_ignore_stop_signals(data, kind, signum):
+    """A terminal's Ctrl-C, SLURM's SIGUSR1 and SIGTERM reach the loader's worker processes too:
+    they keep going (had one died, the DataLoader would raise that it exited unexpectedly), so
+    that the training process can finish its step and save."""
     import os
     import signal
 
@@ -940,7 +941,7 @@ def test_loader_workers_ignore_ctrl_c(data, kind):
     first = next(batches)
     workers = [p.pid for p in psutil.Process().children() if p.pid not in before]
     assert len(workers) == 1
-    os.kill(workers[0], signal.SIGINT)
+    os.kill(workers[0], getattr(signal, signum))
     rest = list(batches)
     assert len(rest) == len(loader) - 1 == 5 and first[1].shape == (4,)
 
