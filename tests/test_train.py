@@ -305,6 +305,32 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, small_quickstart)
     assert resumed_results == json.loads((straight / "results.json").read_text())
 
 
+def test_ctrl_c_during_an_evaluation_stops_after_it(tmp_path, small_quickstart):
+    """Ctrl-C during an epoch's k-NN evaluation (made to last seconds: the digits one at a time,
+    the signal half a second after the epoch is trained and saved): the run stops with that
+    epoch's checkpoint once the evaluation ends, without starting the next epoch, and exits 130."""
+    argv = [str(a) for a in small_quickstart] + ["--epochs", "3", "trainer.init_val=false",
+                                                 "evaluator.0.args.apply_evaluator_per_epoch=1",
+                                                 "valid_dataloader.0.args.batch_size=1",
+                                                 "valid_dataloader.1.args.batch_size=1"]
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "epoch 0 trained" in line:
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            break
+    lines += proc.stderr.readlines()
+    assert proc.wait(timeout=120) == 130, "".join(lines)[-3000:]
+    assert "stopped by SIGINT" in "".join(lines)
+    run = only_run_dir(tmp_path, "quickstart")
+    ckpt = load_checkpoint(run / "latest_model.pth")
+    assert ckpt["epoch"] == 0 and ckpt["epoch_step"] == 0 and ckpt["step"] == 5
+    assert '"knn@20_online"' in (run / "metrics.jsonl").read_text()  # the evaluation ran to its end
+
+
 def test_ctrl_c_asks_for_a_stop_and_a_second_one_stops_at_once():
     """The first SIGINT is recorded like SIGTERM (the trainer saves after its step); the second
     raises KeyboardInterrupt; the previous handler is back afterwards."""

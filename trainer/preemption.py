@@ -46,7 +46,8 @@ class StopSignal:
             raise KeyboardInterrupt
         self.signum = signum
         again = " (Ctrl-C again stops at once; the last saved checkpoint stays)" if signum == signal.SIGINT else ""
-        log.warning("received %s: stopping after the current step%s", signal.Signals(signum).name, again)
+        log.warning("received %s: stopping after the current step or evaluation%s", signal.Signals(signum).name,
+                    again)
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():

@@ -226,6 +226,8 @@ class Trainer:
                 raise Preempted(self._stop_cause(), str(self.run.checkpoint()) if self.run else None)
             self._add_epoch_record(results, {"epoch": epoch, "step": self.step, **train_metrics,
                                              **self.evaluate(epoch)})
+            if epoch < self.settings.epochs - 1 and self.stop.requested():  # came during the evaluation
+                raise Preempted(self._stop_cause(), str(self.run.checkpoint()) if self.run else None)
         return results
 
     def _record(self, record: dict) -> None:
