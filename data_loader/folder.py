@@ -24,12 +24,13 @@ Augmentations are seeded from (seed, epoch, rank), as in the shard loader (data_
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
 from data_loader.base import (
     DataError,
@@ -55,6 +56,21 @@ from utils.registry import DATALOADERS
 UNLABELLED = -1  # the label of the images of a `train/` folder without class folders
 
 
+def is_image_file(path: str) -> bool:
+    """An image by its extension, and not hidden (macOS's `._name.jpg` companions are not images)."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and has_file_allowed_extension(name, IMG_EXTENSIONS)
+
+
+def image_tree(folder: Path) -> tuple[list[str], list[str]]:
+    """(class folder names, paths of the image files directly inside), both sorted; hidden entries
+    (`.ipynb_checkpoints`, `._name.jpg`) are neither. The class indices of a tree are the
+    positions of its `train/` folder's class names."""
+    entries = sorted(folder.iterdir())
+    classes = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
+    return classes, [str(p) for p in entries if p.is_file() and is_image_file(str(p))]
+
+
 def scan_split(root: Path, split: str) -> list[tuple[str, int]]:
     """[(image path, class index)] of `root/split`, sorted by class then file name; the classes are
     the sorted folder names of `root/train`. A `root/train` that holds image files and no folders
@@ -64,11 +80,9 @@ def scan_split(root: Path, split: str) -> list[tuple[str, int]]:
         if not folder.is_dir():
             raise DataError(f"root: {folder}: no such folder (image_folder_dataloader reads root/train/<class>/* "
                             f"and root/val/<class>/*, or unlabelled images in root/train/)")
-    entries = list(train_dir.iterdir())
-    loose = sorted(str(p) for p in entries if p.is_file() and has_file_allowed_extension(p.name, IMG_EXTENSIONS))
-    class_folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-    if loose and class_folders:
-        raise DataError(f"root: {train_dir} holds {len(class_folders)} class folders and {len(loose)} image files "
+    classes, loose = image_tree(train_dir)
+    if loose and classes:
+        raise DataError(f"root: {train_dir} holds {len(classes)} class folders and {len(loose)} image files "
                         f"outside them ({Path(loose[0]).name}, ...): put every image in a class folder, or, "
                         f"to train without labels, every image directly in {train_dir}")
     if loose:
@@ -76,13 +90,13 @@ def scan_split(root: Path, split: str) -> list[tuple[str, int]]:
             raise DataError(f"root: {split_dir}: the images of {train_dir} are not in class folders (unlabelled), "
                             f"so there are no classes to read {split_dir} by")
         return [(path, UNLABELLED) for path in loose]
-    if not class_folders:
+    if not classes:
         raise DataError(f"root: {train_dir}: no class folders and no image files ({', '.join(IMG_EXTENSIONS)})")
-    classes, class_to_idx = find_classes(train_dir)
-    unknown = sorted({p.name for p in split_dir.iterdir() if p.is_dir()} - set(classes))
+    unknown = sorted(set(image_tree(split_dir)[0]) - set(classes))
     if unknown:
         raise DataError(f"root: {split_dir}: class folders {unknown[:5]} are not in {train_dir}")
-    samples = make_dataset(split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    samples = make_dataset(split_dir, class_to_idx, is_valid_file=is_image_file, allow_empty=True)
     if not samples:
         raise DataError(f"root: {split_dir}: no image files ({', '.join(IMG_EXTENSIONS)}) in its class folders")
     return samples
@@ -223,7 +237,7 @@ class ImageFolderLoader:
                 raise DataError(f"root: {self.root / self.split}: the images are not in class folders (unlabelled); "
                                 f"the evaluators need classes: set `evaluator: null` and `valid_dataloader: null` "
                                 f"to train on them (configs/examples/own_images.yaml)")
-            classes = len(find_classes(self.root / "train")[0])  # the labels index these
+            classes = len(image_tree(self.root / "train")[0])  # the labels index these
             if classes > num_classes:
                 raise DataError(f"num_classes: {num_classes}, but {self.root / 'train'} has {classes} class folders; "
                                 f"set the evaluators' num_classes to {classes}")

@@ -37,16 +37,19 @@ import logging
 import os
 import pickle
 import random
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+if __package__ in (None, ""):  # run as a script (the README's command): the repository, for data_loader
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 logger = logging.getLogger("create_tar_webdataset")
 
 IMAGENET_FILES = ("meta.bin", "ILSVRC2012_devkit_t12.tar.gz", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 SPLITS = ("train", "val")
 PARTIAL_SUFFIX = ".partial"
-UNLABELLED = -1  # the class of an image without one (data_loader.folder.UNLABELLED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,29 +92,35 @@ def read_imagenet(root: Path, splits: list[str]) -> Source:
 
 
 def read_image_folders(root: Path, splits: list[str]) -> Source:
-    """An extracted tree `root/<split>/<class>/*`; the classes are the sorted folders of `root/train`."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    """An extracted tree `root/<split>/<class>/*`; the classes are the sorted folders of `root/train`,
+    hidden ones left out, as the image-folder loader reads them (`data_loader.folder.image_tree`)."""
+    from torchvision.datasets.folder import make_dataset
 
-    entries = list((root / "train").iterdir())
-    if not any(p.is_dir() and not p.name.startswith(".") for p in entries):
-        loose = sorted(str(p) for p in entries if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
-        if not loose:
-            raise FileNotFoundError(f"{root / 'train'}: no class folders and no image files")
+    from data_loader.folder import UNLABELLED, image_tree, is_image_file
+
+    classes, loose = image_tree(root / "train")
+    if classes and loose:
+        raise ValueError(f"{root / 'train'} holds {len(classes)} class folders and {len(loose)} image files outside "
+                         f"them ({Path(loose[0]).name}, ...): put every image in a class folder, or, for unlabelled "
+                         f"images, every image directly in {root / 'train'}")
+    if loose:
         if splits != ["train"]:
             raise ValueError(f"{root / 'train'}: images without class folders (unlabelled) make a train split "
                              f"alone; pass --splits train")
         metadata = {"wnids": [], "classes": [], "wnid_to_idx": {}, "class_to_idx": {}}
         return Source(metadata, {"train": [(path, UNLABELLED) for path in loose]})
-    classes, class_to_idx = find_classes(root / "train")
+    if not classes:
+        raise FileNotFoundError(f"{root / 'train'}: no class folders and no image files")
+    class_to_idx = {name: i for i, name in enumerate(classes)}
     samples = {}
     for split in splits:
         split_dir = root / split
         if not split_dir.is_dir():
             raise FileNotFoundError(f"{split_dir}: no such folder")
-        unknown = sorted(set(find_classes(split_dir)[0]) - set(classes))
+        unknown = sorted(set(image_tree(split_dir)[0]) - set(classes))
         if unknown:
             raise ValueError(f"{split_dir}: class folders {unknown[:5]} are not in {root / 'train'}")
-        samples[split] = make_dataset(split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        samples[split] = make_dataset(split_dir, class_to_idx, is_valid_file=is_image_file, allow_empty=True)
     metadata = {"wnids": classes, "classes": classes, "wnid_to_idx": class_to_idx, "class_to_idx": class_to_idx}
     return Source(metadata, samples)
 
@@ -152,7 +161,7 @@ def sample_keys(paths: list[str]) -> list[str]:
 def make_records(samples: list[tuple[str, int]], wnids: list[str], seed: int) -> list[Record]:
     """Records (keys from `sample_keys`) in a random order fixed by `seed`."""
     keys = sample_keys([path for path, _ in samples])
-    records = [Record(key, path, cls, "" if cls == UNLABELLED else wnids[cls])
+    records = [Record(key, path, cls, wnids[cls] if cls >= 0 else "")  # unlabelled: -1
                for key, (path, cls) in zip(keys, samples)]
     random.Random(seed).shuffle(records)
     return records

@@ -598,6 +598,30 @@ def test_unlabelled_images_as_shards(data, tmp_path):
     web(data.pattern("val"), 13, 0, 4, train=False).check_data(num_classes=3)
 
 
+def test_hidden_entries_are_neither_classes_nor_images(tmp_path):
+    """A Jupyter checkpoint folder is no class (it would shift every label) and macOS's `._name`
+    companions are no images, for the loader and the shard writer alike; loose images beside class
+    folders are refused by both."""
+    for name, colour in (("a", (200, 0, 0)), ("b", (0, 200, 0))):
+        for split in ("train", "val"):
+            write_image(tmp_path / "tree" / split / name / f"{name}.jpg", "rgb", colour, (32, 32))
+    (tmp_path / "tree" / "train" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "tree" / "train" / "._stray.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "tree" / "train" / "b" / "._b.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    loader = folder(tmp_path / "tree", False, 4, train=False)
+    loader.check_data(num_classes=2)
+    assert [(Path(p).name, label) for p, label in loader.samples] == [("a.jpg", 0), ("b.jpg", 1)]
+    assert [(Path(p).name, c) for p, c in folder(tmp_path / "tree", True, 2).samples] == [("a.jpg", 0), ("b.jpg", 1)]
+    assert run_script(tmp_path / "tree", tmp_path / "out") == {"train": 2, "val": 2}
+    assert json.loads((tmp_path / "out" / "metadata.json").read_text())["classes"] == ["a", "b"]
+
+    write_image(tmp_path / "tree" / "train" / "loose.jpg", "rgb", (0, 0, 200), (32, 32))
+    with pytest.raises(ValueError, match=r"tree/train holds 2 class folders and 1 image files outside them"):
+        run_script(tmp_path / "tree", tmp_path / "out2")
+    with pytest.raises(DataError, match=r"tree/train holds 2 class folders and 1 image files outside them"):
+        len(folder(tmp_path / "tree", True, 2))
+
+
 def test_folder_errors_name_the_problem(tmp_path):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(DataError, match="empty/train: no class folders and no image files"):
