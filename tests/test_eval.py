@@ -28,7 +28,7 @@ from model.encoder import ResNetEncoder
 from model.projection import MLPProjection, SSLModel
 from pretrained import export_torchvision
 from trainer.checkpoint import load_module_state
-from trainer.features import gather_in_order
+from trainer.features import check_labels, gather_in_order
 from trainer.knn import KNNEvaluator, knn_counts
 from trainer.linear_probe import LinearProbingEvaluator
 from trainer.setup import build_encoder
@@ -359,13 +359,22 @@ def test_evaluators_name_labels_beyond_num_classes():
     error (a device assert on CUDA) or a wrong vote."""
     x, y = blobs(64, seed=0)
     probe = LinearProbingEvaluator(hyperparams=[probe_settings("_a", 32, 1, 0.1, True)], num_classes=3)
-    with pytest.raises(DataError, match=r"linear probe: labels span \[0, 3\] but num_classes is 3"):
+    with pytest.raises(DataError, match=r"linear probe, val set: labels outside \[0, 3\) .* span \[0, 3\]"):
         probe.evaluate(FeatureEncoder(8), TensorLoader(x, y, 32, True), TensorLoader(x, y, 32, False),
                        torch.device("cpu"))
     knn = KNNEvaluator(num_classes=3, k=[1], mute_tqdm=True)
-    with pytest.raises(DataError, match=r"k-NN: bank labels span \[0, 3\] but num_classes is 3"):
+    with pytest.raises(DataError, match=r"k-NN bank: labels outside \[0, 3\) .* span \[0, 3\]"):
         knn.evaluate(FeatureEncoder(8), TensorLoader(x, y, 32, False), TensorLoader(x, y, 32, False),
                      torch.device("cpu"))
+    # queries of an unlabelled val split (-1), against a good bank: refused, not counted wrong
+    with pytest.raises(DataError, match=r"k-NN queries: labels outside \[0, 4\) .* span \[-1, -1\]"):
+        KNNEvaluator(num_classes=4, k=[1], mute_tqdm=True).evaluate(
+            FeatureEncoder(8), TensorLoader(x, y, 32, False), TensorLoader(x, torch.full_like(y, -1), 32, False),
+            torch.device("cpu"))
+    # a training batch whose label exceeds the probe's classes, with a good val set
+    with pytest.raises(DataError, match=r"linear probe, training batch: labels outside \[0, 4\)"):
+        LinearProbingEvaluator(hyperparams=[probe_settings("_a", 32, 1, 0.1, True)], num_classes=4).evaluate(
+            FeatureEncoder(8), TensorLoader(x, y + 1, 32, True), TensorLoader(x, y, 32, False), torch.device("cpu"))
 
 
 def test_linear_probe_on_several_processes_needs_a_training_loader():
@@ -415,6 +424,11 @@ def two_process_worker(rank: int, world: int, port: int, root: str, out: str) ->
         rows = torch.arange(14 if rank == 0 else 6).view(-1, 2) + 100 * rank  # 7 and 3 rows
         gathered = gather_in_order(rows, block_rows=3)  # several blocks, the last one partial
         metrics["gather_in_order"] = gathered.tolist()
+        try:  # a label out of range on rank 1 only: both refuse (rank 0 alone would wait in a collective)
+            check_labels(torch.tensor([0, 1] if rank == 0 else [1, 5]), 4, "labels")
+            metrics["label_check"] = "passed"
+        except DataError:
+            metrics["label_check"] = "refused"
         Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
     finally:
         dist.destroy_process_group()
@@ -434,6 +448,7 @@ def test_two_gloo_processes_count_an_odd_val_set_once(tmp_path, image_root):
     assert ranks[0] == ranks[1]
     expected_rows = torch.cat((torch.arange(14).view(-1, 2), torch.arange(6).view(-1, 2) + 100)).tolist()
     assert ranks[0].pop("gather_in_order") == expected_rows
+    assert ranks[0].pop("label_check") == "refused"  # equal on both ranks (above)
     assert single["knn_queries"] == ranks[0]["knn_queries"] == 3 * N_VAL
     assert single["probe_folder_samples"] == ranks[0]["probe_folder_samples"] == 3 * N_VAL
     assert single["probe_blobs_samples"] == ranks[0]["probe_blobs_samples"] == 101

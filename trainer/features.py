@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from utils.dist import gather, get_rank, get_world_size
+from data_loader.base import DataError
+from utils.dist import any_process, gather, get_rank, get_world_size
 
 GATHER_ROWS = 65_536  # rows per all_gather: 256 MB per process for 2048-d float16 features
 
@@ -124,3 +125,13 @@ def extract_features(
     if max_samples is not None:
         all_f, all_l = all_f[:max_samples], all_l[:max_samples]
     return all_f, all_l
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    """DataError on every process when any process's `labels` leave [0, num_classes) (unlabelled
+    images have -1): an evaluator would count them wrong, or fail inside cross-entropy (a device
+    assert on CUDA), or leave the other processes waiting in a collective. A collective itself."""
+    span = (int(labels.min()), int(labels.max())) if labels.numel() else (0, 0)
+    if any_process(span[0] < 0 or span[1] >= num_classes):
+        raise DataError(f"{what}: labels outside [0, {num_classes}) (num_classes {num_classes}); this process's "
+                        f"span [{span[0]}, {span[1]}]; images without classes have label -1")

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from data_loader.base import DataError
-from trainer.features import comm_device, extract_features
+from trainer.features import check_labels, comm_device, extract_features
 from utils.config import ConfigError
 from utils.dist import all_reduce_sum, get_rank
 from utils.registry import EVALUATORS
@@ -209,6 +209,7 @@ class KNNEvaluator:
         query_f, query_l = extract_features(encoder, query_loader, device, autocast, desc="k-NN queries",
                                             progress=self.progress, store_device=where, gather_all=False)
         self._check_bank(bank_f, bank_l)
+        check_labels(query_l, self.num_classes, "k-NN queries")
         log.info("k-NN: bank %s (%s on %s), k %s", tuple(bank_f.shape), dtype, where, self.ks)
         counts = knn_counts(query_f, query_l, bank_f, bank_l, self.ks, self.num_classes,
                             temperature=self.temperature, use_weighting=self.use_weighting,
@@ -221,9 +222,7 @@ class KNNEvaluator:
     def _check_bank(self, bank_f: torch.Tensor, bank_l: torch.Tensor) -> None:
         if bank_f.shape[0] < max(self.ks):
             raise DataError(f"k-NN: the bank holds {bank_f.shape[0]} samples, fewer than k={max(self.ks)}")
-        if int(bank_l.max()) >= self.num_classes or int(bank_l.min()) < 0:
-            raise DataError(f"k-NN: bank labels span [{int(bank_l.min())}, {int(bank_l.max())}] but num_classes "
-                            f"is {self.num_classes}")
+        check_labels(bank_l, self.num_classes, "k-NN bank")  # gathered: the same on every process
 
     def _check_total(self, counts: KNNCounts, query_loader) -> None:
         expected = getattr(query_loader, "num_samples", None)

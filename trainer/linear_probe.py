@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data_loader.base import DataError
 from model.projection import LinearClassifier
 from trainer.checkpoint import unwrap
-from trainer.features import comm_device, extract_features
+from trainer.features import check_labels, comm_device, extract_features
 from utils.config import Block, ConfigError, build_block, check_dataclass
 from utils.dist import all_reduce_sum, get_rank
 from utils.optim import LARC, set_learning_rate
@@ -133,7 +132,7 @@ class LinearProbingEvaluator:
             return {}
         val_f, val_l = extract_features(encoder, val_loader, device, autocast, normalize=False,
                                         desc="probe val features", progress=self.progress, gather_all=False)
-        _check_labels(val_l, self.num_classes)
+        check_labels(val_l, self.num_classes, "linear probe, val set")
         was_training = encoder.training
         encoder.eval()
         try:
@@ -162,7 +161,7 @@ class LinearProbingEvaluator:
         bar = tqdm(loader, desc=f"linear probe epoch {epoch}", leave=False,
                    disable=not self.progress or get_rank() != 0, dynamic_ncols=True)
         for views, target in bar:
-            _check_labels(target, self.num_classes)  # on the CPU: no wait for the GPU
+            check_labels(target, self.num_classes, "linear probe, training batch")  # CPU labels: no GPU wait
             with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
                 feats = encoder(views[0].to(device, non_blocking=True))
             feats, target = feats.float(), target.to(device, non_blocking=True)
@@ -197,10 +196,3 @@ class LinearProbingEvaluator:
         top1, top5, total = all_reduce_sum(counts.to(comm_device(counts))).tolist()
         return (top1 / total, top5 / total, total) if total else (0.0, 0.0, 0)
 
-
-def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """DataError for labels outside [0, num_classes): cross-entropy would fail on them with an
-    index error (a device assert on CUDA)."""
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise DataError(f"linear probe: labels span [{int(labels.min())}, {int(labels.max())}] but num_classes is "
-                        f"{num_classes}")
