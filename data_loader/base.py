@@ -21,6 +21,7 @@ import math
 import os
 import random
 import signal
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -71,17 +72,48 @@ def batch_generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Ge
     return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1009 + rank) % (2**63 - 1))
 
 
-def seed_in_process(num_workers: int, generator: torch.Generator) -> None:
-    """With `num_workers` 0 a loader's recipe runs in this process and draws from its global
-    generators (Python, NumPy, torch): seed them from `generator` at the start of a pass, as the
-    DataLoader seeds a worker process's. The views then depend on (seed, epoch, rank) alone, as
-    with workers: a resumed epoch, which reads and drops its earlier batches, repeats them exactly,
-    and processes draw different crops. Nothing else in training draws from these generators."""
-    if num_workers == 0:
-        seed = int(torch.randint(2**62, (), generator=generator))
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+def own_randomness(batches: Iterator, num_workers: int, generator: torch.Generator) -> Iterator:
+    """`batches` (a DataLoader's iterator) with randomness of their own when `num_workers` is 0.
+
+    Workers draw from their own generators, which the DataLoader seeds from `generator`. Without
+    workers the recipe runs in this process and draws from its global generators (Python, NumPy,
+    torch's CPU one), which every process seeds alike and a resume restores. So while a batch is
+    made, those are swapped for the pass's own, seeded from `generator` like a worker's, and put
+    back afterwards: the views depend on (seed, epoch, rank) alone (a resumed epoch, which reads
+    and drops its earlier batches, repeats them exactly; processes draw different crops), and the
+    process's own generators are left as they were.
+    """
+    if num_workers > 0:
+        yield from batches
+        return
+    seed = int(torch.randint(2**62, (), generator=generator))
+    own = None
+    while True:
+        outside = _global_states()
+        if own is None:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.default_generator.manual_seed(seed)
+        else:
+            _set_global_states(own)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            own = _global_states()
+            _set_global_states(outside)
+        yield batch
+
+
+def _global_states() -> tuple:
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_global_states(states: tuple) -> None:
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
 
 
 WORKER_IGNORED_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # trainer.preemption's stop signals

@@ -18,7 +18,7 @@ the folder is scanned on first use.
   seen exactly once and gathering in rank order restores the order. An undecodable image is an
   error naming the file.
 
-Augmentations are seeded from (seed, epoch, rank), as in the shard loader (data_loader.base.seed_in_process).
+Augmentations are seeded from (seed, epoch, rank), as in the shard loader (data_loader.base.own_randomness).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from data_loader.base import (
     epoch_generator,
     eval_shard,
     init_worker,
+    own_randomness,
     per_process_batch,
-    seed_in_process,
     train_indices,
 )
 from data_loader.gpu_augment import DecodeOn, split_work
@@ -245,9 +245,9 @@ class ImageFolderLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         dataset = FolderBatches(self.samples, self.transform, self.training)
-        seed_in_process(self.num_workers, epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank))
+        seeds = epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank)
         loader = DataLoader(dataset, sampler=self.batches(), batch_size=None, num_workers=self.num_workers,
-                            generator=epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank),
-                            worker_init_fn=init_worker,  # Ctrl-C is the training process's; spawned workers end cleanly
+                            generator=seeds,
+                            worker_init_fn=init_worker,  # stop signals are the trainer's; spawned workers end cleanly
                             pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
-        yield from itertools.islice(loader, self.start_step, None)
+        yield from itertools.islice(own_randomness(iter(loader), self.num_workers, seeds), self.start_step, None)

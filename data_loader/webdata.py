@@ -23,7 +23,7 @@ Two modes, chosen by the config:
 
 Sample shuffling and shard order depend only on (runtime.seed, epoch, rank, worker); the
 augmentations too (each epoch's DataLoader draws its workers' seeds from a generator seeded the same
-way; with num_workers 0 the process's global generators are seeded so: `seed_in_process`).
+way; with num_workers 0 the recipe gets generators of its own seeded so: `own_randomness`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from data_loader.base import (
     LoaderRuntime,
     epoch_generator,
     init_worker,
+    own_randomness,
     per_process_batch,
-    seed_in_process,
 )
 from data_loader.gpu_augment import DecodeOn, split_work
 from data_loader.transforms import (
@@ -263,15 +263,14 @@ class WebLoader:
         rank, seed = self.runtime.rank, self.runtime.seed
         stream = ShardStream(self.process_shards(), self.transform, self.batch_size, self.training, self.shuffle,
                              seed_key=f"seed {seed}/epoch {self.epoch}/rank {rank}")
-        seed_in_process(self.num_workers, epoch_generator(seed + 1, self.epoch, rank))
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                            generator=epoch_generator(seed + 1, self.epoch, rank),
-                            worker_init_fn=init_worker,  # Ctrl-C is the training process's; spawned workers end cleanly
+        seeds = epoch_generator(seed + 1, self.epoch, rank)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=seeds,
+                            worker_init_fn=init_worker,  # stop signals are the trainer's; spawned workers end cleanly
                             pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
+        batches = own_randomness(iter(loader), self.num_workers, seeds)
         if not self.training:
-            yield from itertools.islice(loader, self.start_step, None)
+            yield from itertools.islice(batches, self.start_step, None)
             return
-        batches = iter(loader)
         for step in range(len(self)):
             batch = next(batches, None)
             if batch is None:

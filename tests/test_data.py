@@ -908,7 +908,8 @@ def test_augmentation_without_workers_depends_on_seed_epoch_and_rank_only(data, 
     """num_workers 0: the recipe runs in the training process, on its global generators. Its views
     must not depend on what those went through before (a resume restores the generators of the
     moment of the stop, then reads and drops the epoch's earlier batches), and two processes (each
-    seeded alike by train.py) must not draw the same crops: here both ranks' images are one picture."""
+    seeded alike by train.py) must not draw the same crops: here both ranks' images are one picture.
+    The pass leaves the process's generators as it found them."""
     import random
 
     def views(rank: int, world: int, start_step: int, noise: int, root=None) -> list[list[torch.Tensor]]:
@@ -928,6 +929,12 @@ def test_augmentation_without_workers_depends_on_seed_epoch_and_rank_only(data, 
     assert len(straight) == 6 and len(resumed) == 4
     for a, b in zip(straight[2:], resumed):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # the process's own generators are as the pass found them
+    torch.manual_seed(4)
+    random.seed(4)
+    before = torch.get_rng_state(), random.getstate()
+    assert len(views(0, 1, 0, noise=4)) == 6
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
 
     same = tmp_path / "same"
     picture = Image.effect_mandelbrot((160, 120), (-2.0, -1.2, 1.0, 1.2), 60).convert("RGB")
