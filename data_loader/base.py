@@ -30,19 +30,20 @@ from utils.config import ConfigError
 
 
 class DataError(ConfigError):
-    """The data a loader's config names is not there, or cannot fill its batches. Reported like a
-    bad config value (one line, exit status 2), before a run folder is made: `check_data`."""
+    """The data a loader's config names is not there, cannot fill its batches, or does not fit its
+    evaluator. Reported like a bad config value (one line, exit status 2); found before a run
+    folder is made where the files tell (`check_data`), otherwise when the data is read."""
 
 
 def check_data(loaders, evaluated=()) -> None:
     """Raise DataError if any of `loaders` would find its data missing (image folders are scanned,
-    local shard files looked up), or if a loader of `evaluated` ((loader, num_classes) pairs: it
-    feeds an evaluator of num_classes classes) has images without classes or with more classes;
-    dry runs skip this."""
+    local shard files looked up), or if a loader of `evaluated` ((loader, num_classes, key)
+    triples: it feeds an evaluator of num_classes classes, set at config key `key`) has images
+    without classes or with more classes; dry runs skip this."""
     for loader in loaders:
         loader.check_data()
-    for loader, num_classes in evaluated:
-        loader.check_data(num_classes=num_classes)
+    for loader, num_classes, key in evaluated:
+        loader.check_data(num_classes=num_classes, key=key)
 
 
 @dataclasses.dataclass(frozen=True)

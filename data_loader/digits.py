@@ -133,10 +133,11 @@ class DigitsLoader:
     def __len__(self) -> int:
         return len(self._batches())
 
-    def check_data(self, num_classes: Optional[int] = None) -> None:
-        """The digits ship with scikit-learn; an evaluator of theirs (`num_classes`) needs 10 classes."""
+    def check_data(self, num_classes: Optional[int] = None, key: str = "num_classes") -> None:
+        """The digits ship with scikit-learn; an evaluator of theirs (`num_classes`, set at config
+        key `key`) needs 10 classes."""
         if num_classes is not None and num_classes < 10:
-            raise DataError(f"num_classes: {num_classes}, but the digits have 10 classes")
+            raise DataError(f"{key}: {num_classes}, but the digits have 10 classes")
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         images, labels = load_digits_split()[self.split]

@@ -228,10 +228,10 @@ class ImageFolderLoader:
     def __len__(self) -> int:
         return len(self.batches())
 
-    def check_data(self, num_classes: Optional[int] = None) -> None:
+    def check_data(self, num_classes: Optional[int] = None, key: str = "num_classes") -> None:
         """DataError when the split's folder or images are missing, or make no batch; with
-        `num_classes` (the loader feeds an evaluator of that many classes), also when the images
-        have no classes, or more."""
+        `num_classes` (the loader feeds an evaluator of that many classes, set at config key
+        `key`), also when the images have no classes, or more."""
         if num_classes is not None:
             if self.samples[0][1] == UNLABELLED:
                 raise DataError(f"root: {self.root / self.split}: the images are not in class folders (unlabelled); "
@@ -239,8 +239,7 @@ class ImageFolderLoader:
                                 f"to train on them (configs/examples/own_images.yaml)")
             classes = len(image_tree(self.root / "train")[0])  # the labels index these
             if classes > num_classes:
-                raise DataError(f"num_classes: {num_classes}, but {self.root / 'train'} has {classes} class folders; "
-                                f"set the evaluators' num_classes to {classes}")
+                raise DataError(f"{key}: {num_classes}, but {self.root / 'train'} has {classes} class folders")
         len(self)
 
     def __iter__(self) -> Iterator[Batch]:

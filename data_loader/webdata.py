@@ -231,7 +231,7 @@ class WebLoader:
         return sum(math.ceil(round(len(range(w, local, workers)) * per_shard) / self.batch_size)
                    for w in range(workers))
 
-    def check_data(self, num_classes: Optional[int] = None) -> None:
+    def check_data(self, num_classes: Optional[int] = None, key: str = "num_classes") -> None:
         """DataError when shard files given as local paths do not exist (URLs and `pipe:` commands
         are not checked). With `num_classes` (the loader feeds an evaluator of that many classes),
         also when the shard writer's `metadata.json` beside the shards' folder lists no classes
@@ -246,18 +246,19 @@ class WebLoader:
         if num_classes is None or metadata is None or not metadata.is_file():
             return
         try:
-            listed = json.loads(metadata.read_text()).get("classes")
-        except (OSError, ValueError, AttributeError):  # not the writer's file: the labels show when read
-            return
-        if not isinstance(listed, list):
+            content = json.loads(metadata.read_text())
+        except (OSError, ValueError):
+            content = None
+        listed = content.get("classes") if isinstance(content, dict) else None
+        if not isinstance(listed, list):  # not the shard writer's file: the labels are checked when read
+            get_logger().info("%s holds no class list; the labels of %s are checked when read", metadata, local[0])
             return
         classes = len(listed)
         if classes == 0:
             raise DataError(f"shards: {metadata} lists no classes (unlabelled images); the evaluators need "
                             f"classes: set `evaluator: null` and `valid_dataloader: null` to train on them")
         if classes > num_classes:
-            raise DataError(f"num_classes: {num_classes}, but {metadata} lists {classes} classes; set the "
-                            f"evaluators' num_classes to {classes}")
+            raise DataError(f"{key}: {num_classes}, but {metadata} lists {classes} classes")
 
     def __iter__(self) -> Iterator[Batch]:
         rank, seed = self.runtime.rank, self.runtime.seed

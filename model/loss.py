@@ -425,7 +425,8 @@ class NTXentAllCombinations(nn.Module):
 def check_batches(loss: nn.Module, views: int, global_batch: int) -> None:
     """ConfigError, before training starts, when the training loader's batches do not fit `loss`:
     `views` other than the loss's `n_augs` (NT_Xent: fewer than 2), or a `global_batch` that
-    leaves a GroCo anchor fewer than `topk_neg` negatives (the other samples of its view)."""
+    leaves an anchor fewer than `topk_neg` negatives (GroCo: the other samples of its view;
+    NT_Xent: both views of the other samples)."""
     expected = getattr(loss, "n_augs", None)
     if expected is not None and views != expected:
         raise ConfigError(f"loss.args.n_augs: the loss takes {expected} views, but the training loader makes "
@@ -435,6 +436,10 @@ def check_batches(loss: nn.Module, views: int, global_batch: int) -> None:
     if isinstance(loss, GroCo) and global_batch - 1 < loss.topk_neg:
         raise ConfigError(f"loss.args.topk_neg: {loss.topk_neg} negatives per anchor need a global batch of at least "
                           f"{loss.topk_neg + 1} (train_dataloader.args.batch_size), got {global_batch}")
+    negatives = 2 * (global_batch - 1)  # NT_Xent: both views of every other sample
+    if isinstance(loss, NTXent) and loss.topk_neg is not None and not 1 <= loss.topk_neg <= negatives:
+        raise ConfigError(f"loss.args.topk_neg: {loss.topk_neg}, but a global batch of {global_batch} gives an anchor "
+                          f"{negatives} negatives (train_dataloader.args.batch_size)")
 
 
 # The reference code's names, importable as `from model.loss import NT_Xent, ...`.

@@ -87,6 +87,8 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
                                      "301 (train_dataloader.args.batch_size), got 256"),
         (["loss.args.topk_neg=0"], "loss.args.topk_neg must be at least 1, got 0"),
         (["projection.args.num_layers=0"], "projection.args.num_layers must be at least 1, got 0"),
+        (["loss={type: NT_Xent, args: {topk_neg: 600}}"], "loss.args.topk_neg: 600, but a global batch of 256 "
+                                                           "gives an anchor 510 negatives"),
     ],
 )
 def test_values_the_built_parts_judge_fail_before_the_run_folder(tmp_path, capsys, extra, message):
@@ -135,9 +137,10 @@ def test_missing_data_is_one_clear_line_before_any_run_folder(tmp_path, capsys):
                     f"valid_dataloader.0.args.shards={tmp_path}/train-{{0..3}}.tar", "--device", "cpu",
                     f"save_dir={tmp_path}"],
          f"shards: 4 of the 4 shard files do not exist, the first {tmp_path}/train-0.tar"),
-        (run_train, [*folders, *knn_of_two], f"num_classes: 2, but {three / 'train'} has 3 class folders"),
+        (run_train, [*folders, *knn_of_two],
+         f"evaluator.0.args.num_classes: 2, but {three / 'train'} has 3 class folders"),
         (run_train, ["--config", QUICKSTART, "--device", "cpu", "evaluator.0.args.num_classes=5",
-                     f"save_dir={tmp_path}"], "num_classes: 5, but the digits have 10 classes"),
+                     f"save_dir={tmp_path}"], "evaluator.0.args.num_classes: 5, but the digits have 10 classes"),
     ]
     for run, argv, message in cases:
         capsys.readouterr()

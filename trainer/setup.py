@@ -107,7 +107,8 @@ def check_run_data(evaluations: list[Evaluation], *loaders) -> None:
     """Raise DataError, before a run folder is made, when the data of `loaders` or of the
     evaluators' loaders is missing, or the evaluators' has no classes or more than their
     `num_classes` (dry runs do not look)."""
-    check_data(loaders, [(loader, ev.evaluator.num_classes) for ev in evaluations for loader in (ev.train, ev.val)])
+    check_data(loaders, [(loader, ev.evaluator.num_classes, f"evaluator.{i}.args.num_classes")
+                         for i, ev in enumerate(evaluations) for loader in (ev.train, ev.val)])
 
 
 def steps_per_epoch(loader) -> Optional[int]:
