@@ -73,8 +73,9 @@ def batch_generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Ge
     return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1009 + rank) % (2**63 - 1))
 
 
-def own_randomness(batches: Iterator, num_workers: int, generator: torch.Generator) -> Iterator:
-    """`batches` (a DataLoader's iterator) with randomness of their own when `num_workers` is 0.
+def own_randomness(batches: Iterator, generator: torch.Generator, in_process: bool) -> Iterator:
+    """`batches` (a DataLoader's iterator) with randomness of their own when their CPU recipe runs
+    `in_process` (no workers).
 
     Workers draw from their own generators, which the DataLoader seeds from `generator`. Without
     workers the recipe runs in this process and draws from its global generators (Python, NumPy,
@@ -82,9 +83,10 @@ def own_randomness(batches: Iterator, num_workers: int, generator: torch.Generat
     made, those are swapped for the pass's own, seeded from `generator` like a worker's, and put
     back afterwards: the views depend on (seed, epoch, rank) alone (a resumed epoch, which reads
     and drops its earlier batches, repeats them exactly; processes draw different crops), and the
-    process's own generators are left as they were.
+    process's own generators are left as they were. Loaders whose files are augmented on the GPU
+    draw nothing here, and are read on the prefetching thread: they pass `in_process` false.
     """
-    if num_workers > 0:
+    if not in_process:
         yield from batches
         return
     seed = int(torch.randint(2**62, (), generator=generator))

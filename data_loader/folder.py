@@ -249,4 +249,5 @@ class ImageFolderLoader:
                             generator=seeds,
                             worker_init_fn=init_worker,  # stop signals are the trainer's; spawned workers end cleanly
                             pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
-        yield from itertools.islice(own_randomness(iter(loader), self.num_workers, seeds), self.start_step, None)
+        in_process = self.num_workers == 0 and self.gpu_recipe is None  # the CPU recipe runs here
+        yield from itertools.islice(own_randomness(iter(loader), seeds, in_process), self.start_step, None)

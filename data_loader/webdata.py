@@ -268,7 +268,7 @@ class WebLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=seeds,
                             worker_init_fn=init_worker,  # stop signals are the trainer's; spawned workers end cleanly
                             pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
-        batches = own_randomness(iter(loader), self.num_workers, seeds)
+        batches = own_randomness(iter(loader), seeds, self.num_workers == 0 and self.gpu_recipe is None)
         if not self.training:
             yield from itertools.islice(batches, self.start_step, None)
             return
