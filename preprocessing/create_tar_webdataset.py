@@ -189,24 +189,18 @@ def write_shard(records: list[Record], path: Path, progress: tqdm) -> int:
     """Write one shard through a temporary file renamed at the end; return the samples written."""
     import webdataset as wds
 
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    from utils.files import atomic_write
+
     written = 0
-    try:
-        with open(partial, "wb") as stream:
-            with wds.TarWriter(stream, encoder=False, mtime=0) as sink:
-                for record in records:
-                    with open(record.path, "rb") as f:
-                        image = f.read()
-                    meta = pickle.dumps({"cls": record.cls, "wnid": record.wnid})
-                    sink.write({"__key__": record.key, "image.jpg": image, "metadata.pyd": meta})
-                    written += 1
-                    progress.update(1)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, path.with_name(path.name + PARTIAL_SUFFIX)) as stream:
+        with wds.TarWriter(stream, encoder=False, mtime=0) as sink:
+            for record in records:
+                with open(record.path, "rb") as f:
+                    image = f.read()
+                meta = pickle.dumps({"cls": record.cls, "wnid": record.wnid})
+                sink.write({"__key__": record.key, "image.jpg": image, "metadata.pyd": meta})
+                written += 1
+                progress.update(1)
     return written
 
 

@@ -11,7 +11,6 @@ is strict: missing or unexpected keys are an error that lists them.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import zipfile
 from collections import OrderedDict
@@ -21,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from utils.files import atomic_write
 
 REQUIRED_KEYS = ("epoch", "encoder")
 
@@ -35,16 +36,8 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write `state` to `path` atomically (temporary file in the same folder, fsync, rename); the
     temporary file is removed when the write fails or is interrupted."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, path.with_name(f".{path.name}.tmp")) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | Path) -> dict:
