@@ -18,6 +18,8 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import math
+import multiprocessing
+import multiprocessing.util  # its exit function registered before ours, so run after it
 import os
 import random
 import signal
@@ -128,7 +130,8 @@ def init_worker(worker_id: int) -> None:
     - The stop signals reach the loader's worker processes too (a terminal's Ctrl-C, SLURM's
       SIGUSR1 and SIGTERM): they ignore them and keep feeding the training process, which
       finishes its step and saves (trainer.preemption). A forked worker would otherwise run a
-      copy of the trainer's handler, a spawned one die.
+      copy of the trainer's handler, a spawned one die. Their own process ends them when it
+      stops the iterator, or kills them when it exits (`end_workers_at_exit`).
     - A worker started by spawn or forkserver (the default on macOS, and on Linux from Python
       3.14) ends as a forked one does, at once, without finalising its interpreter. The
       DataLoader stops its workers without draining their queues; a queue's thread still sharing
@@ -140,6 +143,32 @@ def init_worker(worker_id: int) -> None:
         if hasattr(signal, name):  # Windows has no SIGUSR1
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     atexit.register(os._exit, 0)  # registered last, so run first: before the finalisation
+
+
+def end_workers_at_exit() -> None:
+    """Registered with atexit in every process that imports this module, so run before
+    multiprocessing's own exit function.
+
+    A process that exits while a loader's iterator is alive (a crash mid-epoch, whose traceback
+    holds it; an iterator kept in a variable) leaves the loader's workers to multiprocessing,
+    which sends its daemonic children SIGTERM and waits for them. Ours ignore SIGTERM
+    (`init_worker`), so the process would wait forever: the daemonic children still alive are
+    killed instead (multiprocessing has no other way to tell a DataLoader's workers; a daemonic
+    child gets no clean exit either way). The DataLoader's check for workers killed by a signal
+    (its SIGCHLD handler) is switched off first: nothing needs it at exit.
+    """
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if not children:
+        return
+    if hasattr(signal, "SIGCHLD"):  # not on Windows
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join()
+
+
+atexit.register(end_workers_at_exit)
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> range:

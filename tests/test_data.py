@@ -1004,6 +1004,37 @@ for loader in loaders:
         assert sign not in done.stderr, done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_process_exits_with_its_loader_workers_alive(data, start):
+    """The workers ignore SIGTERM, which multiprocessing sends its daemonic children at exit before
+    waiting for them: a process that exits with an iterator still alive (kept in a variable, or
+    held by the traceback of a crash mid-epoch) must end all the same, without noise (it waited
+    forever). The timeout only catches that hang."""
+    script = f"""
+import multiprocessing, sys
+multiprocessing.set_start_method({start!r}, force=True)
+from data_loader.base import LoaderRuntime
+from data_loader.folder import ImageFolderLoader
+from data_loader.webdata import WebLoader
+kept = ImageFolderLoader(LoaderRuntime(), {str(data.raw)!r}, True, 4, num_workers=2, transform_type="dino", n_augs=2)
+kept.set_epoch(0)
+kept_batches = iter(kept)
+next(kept_batches)
+crashing = WebLoader(LoaderRuntime(), {data.pattern("train")!r}, 24, 8, 4, num_workers=2, transform_type="val")
+crashing.set_epoch(0)
+for step, _ in enumerate(crashing):
+    print(step, flush=True)
+    if step == 1:
+        raise RuntimeError("a crash mid-epoch")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout.split() == ["0", "1"], done.stderr[-3000:]
+    assert done.stderr.rstrip().endswith("RuntimeError: a crash mid-epoch"), done.stderr[-3000:]
+    for sign in ("killed by signal", "Exception ignored", "Aborted"):
+        assert sign not in done.stderr, done.stderr[-3000:]
+
+
 def test_ctrl_c_to_the_process_group_saves_and_resumes(data, tmp_path):
     """A Ctrl-C in a terminal: SIGINT to train.py and its two loader workers at once. The run
     finishes its step, saves and exits 130 (the shell's code for it), without a
