@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 from pathlib import Path
 
@@ -12,6 +13,15 @@ import train as train_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "examples" / "quickstart.yaml"
+EXIT_GRACE_S = 300
+
+
+def pytest_unconfigure(config):
+    """After the summary: a test run whose interpreter has not ended EXIT_GRACE_S seconds later is
+    waiting at exit for something a test left behind (a thread, a child process). Print where
+    every thread stands and exit with status 1, rather than hang CI until its limit."""
+    faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)
+
 
 # The paper's 2views_100ep.yaml: the values every other experiment is described against.
 PAPER_2VIEWS_100EP = """
