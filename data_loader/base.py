@@ -19,6 +19,7 @@ import atexit
 import dataclasses
 import math
 import multiprocessing
+import multiprocessing.resource_tracker
 import multiprocessing.util  # its exit function registered before ours, so run after it
 import os
 import random
@@ -124,13 +125,37 @@ def _set_global_states(states: tuple) -> None:
 WORKER_IGNORED_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # trainer.preemption's stop signals
 
 
+def _worker_signals() -> set:
+    return {getattr(signal, name) for name in WORKER_IGNORED_SIGNALS if hasattr(signal, name)}  # Windows: no SIGUSR1
+
+
+def start_workers(loader: torch.utils.data.DataLoader) -> Iterator:
+    """`iter(loader)`, its worker processes started with the stop signals blocked: they inherit
+    the mask and hold any such signal pending until `init_worker` has set them to be ignored. A
+    stop signal in the moment a worker starts (a forked one within milliseconds; a spawned one
+    imports torch first) would otherwise kill it, and the training process could not save. The
+    calling thread gets the signals it held back as soon as the workers are started."""
+    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # Windows has no signal masks
+        return iter(loader)
+    if (loader.multiprocessing_context or multiprocessing.get_context()).get_start_method() != "fork":
+        # multiprocessing starts its resource tracker with the first worker not forked, and
+        # unblocks SIGINT and SIGTERM after it, whatever the mask was: start it first
+        multiprocessing.resource_tracker.ensure_running()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _worker_signals())
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def init_worker(worker_id: int) -> None:
     """DataLoader `worker_init_fn`.
 
     - The stop signals reach the loader's worker processes too (a terminal's Ctrl-C, SLURM's
       SIGUSR1 and SIGTERM): they ignore them and keep feeding the training process, which
       finishes its step and saves (trainer.preemption). A forked worker would otherwise run a
-      copy of the trainer's handler, a spawned one die. Their own process ends them when it
+      copy of the trainer's handler, a spawned one die. They start with the signals blocked
+      (`start_workers`), which closes the moment before this. Their own process ends them when it
       stops the iterator, or kills them when it exits (`end_workers_at_exit`).
     - A worker started by spawn or forkserver (the default on macOS, and on Linux from Python
       3.14) ends as a forked one does, at once, without finalising its interpreter. The
@@ -139,9 +164,10 @@ def init_worker(worker_id: int) -> None:
       active exception", then "DataLoader worker ... is killed by signal: Aborted" at every
       epoch's end). A forked worker never gets here: multiprocessing ends it with `os._exit`.
     """
-    for name in WORKER_IGNORED_SIGNALS:
-        if hasattr(signal, name):  # Windows has no SIGUSR1
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for signum in _worker_signals():
+        signal.signal(signum, signal.SIG_IGN)  # discards those held pending since the start
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _worker_signals())  # blocked by `start_workers`
     atexit.register(os._exit, 0)  # registered last, so run first: before the finalisation
 
 

@@ -40,6 +40,7 @@ from data_loader.base import (
     init_worker,
     own_randomness,
     per_process_batch,
+    start_workers,
     train_indices,
 )
 from data_loader.gpu_augment import DecodeOn, split_work
@@ -250,4 +251,4 @@ class ImageFolderLoader:
                             worker_init_fn=init_worker,  # stop signals are the trainer's; spawned workers end cleanly
                             pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
         in_process = self.num_workers == 0 and self.gpu_recipe is None  # the CPU recipe runs here
-        yield from itertools.islice(own_randomness(iter(loader), seeds, in_process), self.start_step, None)
+        yield from itertools.islice(own_randomness(start_workers(loader), seeds, in_process), self.start_step, None)

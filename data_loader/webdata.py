@@ -49,6 +49,7 @@ from data_loader.base import (
     init_worker,
     own_randomness,
     per_process_batch,
+    start_workers,
 )
 from data_loader.gpu_augment import DecodeOn, split_work
 from data_loader.transforms import (
@@ -268,7 +269,7 @@ class WebLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=seeds,
                             worker_init_fn=init_worker,  # stop signals are the trainer's; spawned workers end cleanly
                             pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
-        batches = own_randomness(iter(loader), seeds, self.num_workers == 0 and self.gpu_recipe is None)
+        batches = own_randomness(start_workers(loader), seeds, self.num_workers == 0 and self.gpu_recipe is None)
         if not self.training:
             yield from itertools.islice(batches, self.start_step, None)
             return

@@ -977,6 +977,40 @@ def test_loader_workers_ignore_stop_signals(data, kind, signum):
     assert len(rest) == len(loader) - 1 == 5 and first[1].shape == (4,)
 
 
+@pytest.mark.parametrize("kind", ["shards", "folder"])
+def test_stop_signals_while_workers_start_do_not_kill_them(data, kind):
+    """A stop signal can reach a worker before it has set itself to ignore it (`init_worker`):
+    each epoch starts new workers, and a spawned one (macOS) imports torch first, for a second or
+    so. Workers start with the stop signals blocked, so a SIGINT, SIGTERM and SIGUSR1 sent to them
+    the moment they exist (still starting) are ignored, and every batch comes."""
+    script = f"""
+import multiprocessing, os, signal, threading, time, psutil
+multiprocessing.set_start_method("spawn", force=True)
+from data_loader.base import LoaderRuntime
+from data_loader.folder import ImageFolderLoader
+from data_loader.webdata import WebLoader
+if {kind!r} == "shards":
+    loader = WebLoader(LoaderRuntime(), {data.pattern("train")!r}, 24, 8, 4, num_workers=2, transform_type="val")
+else:
+    loader = ImageFolderLoader(LoaderRuntime(), {str(data.raw)!r}, True, 4, num_workers=2)
+loader.set_epoch(0)
+signalled = []
+def signal_the_workers():
+    while len(signalled) < 2:
+        for worker in psutil.Process().children():
+            if worker.pid not in signalled and "spawn_main" in " ".join(worker.cmdline()):
+                for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+                    os.kill(worker.pid, getattr(signal, name))
+                signalled.append(worker.pid)
+        time.sleep(0.001)
+threading.Thread(target=signal_the_workers, daemon=True).start()
+print(len(list(loader)), len(signalled), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["6", "2"], done.stderr[-3000:]
+
+
 def test_workers_started_without_fork_end_cleanly(data):
     """macOS starts DataLoader workers by spawn (Linux from Python 3.14 by forkserver, which ends
     them the same way). Two epochs of each loader, whose workers are stopped at every epoch's end
