@@ -412,6 +412,7 @@ def evaluate_everything(root: Path, rank: int, world: int) -> dict:
     out |= probe.evaluate(FeatureEncoder(8), TensorLoader(x, y, 32, True, rank, world),
                           TensorLoader(xv, yv, 32, False, rank, world), cpu)
     out["probe_blobs_samples"] = probe.last_total
+    out["probe_blobs_losses"] = probe.last_losses["_blobs"]  # logged by rank 0
     return out
 
 
@@ -436,7 +437,8 @@ def two_process_worker(rank: int, world: int, port: int, root: str, out: str) ->
 
 def test_two_gloo_processes_count_an_odd_val_set_once(tmp_path, image_root):
     """15 queries and 101 probe val samples over 2 processes: every one counted once, and the
-    metrics are those of one process."""
+    metrics are those of one process, the probe's logged training losses included (the global
+    batch's, not rank 0's half)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -452,6 +454,8 @@ def test_two_gloo_processes_count_an_odd_val_set_once(tmp_path, image_root):
     assert single["knn_queries"] == ranks[0]["knn_queries"] == 3 * N_VAL
     assert single["probe_folder_samples"] == ranks[0]["probe_folder_samples"] == 3 * N_VAL
     assert single["probe_blobs_samples"] == ranks[0]["probe_blobs_samples"] == 101
+    assert len(single["probe_blobs_losses"]) == 4
+    assert ranks[0].pop("probe_blobs_losses") == pytest.approx(single.pop("probe_blobs_losses"), rel=1e-5)
     assert ranks[0] == pytest.approx(single, abs=1e-12)
     assert single["linear_prob_blobs_val_top_1"] >= 0.98
 

@@ -25,7 +25,7 @@ from model.projection import LinearClassifier
 from trainer.checkpoint import unwrap
 from trainer.features import check_labels, comm_device, extract_features
 from utils.config import Block, ConfigError, build_block, check_dataclass
-from utils.dist import all_reduce_sum, get_rank
+from utils.dist import all_reduce_mean, all_reduce_sum, get_rank
 from utils.optim import LARC, set_learning_rate
 from utils.registry import EVALUATORS, OPTIMIZERS, SCHEDULERS
 
@@ -75,7 +75,9 @@ class LinearProbingEvaluator:
         num_classes: number of classes.
         mute_tqdm: hide the progress bars.
 
-    After `evaluate`, `last_total` holds the number of validation samples counted (all processes).
+    After `evaluate`, `last_total` holds the number of validation samples counted (all processes),
+    and `last_losses` each head's training loss per epoch (by log_name; the mean over all
+    processes' batches, as logged).
     """
 
     def __init__(self, distributed: bool = False, hyperparams: list[ProbeSettings] = (), num_classes: int = 1000,
@@ -87,6 +89,7 @@ class LinearProbingEvaluator:
         self.num_classes = num_classes
         self.progress = not mute_tqdm
         self.last_total: Optional[int] = None
+        self.last_losses: dict[str, list[float]] = {}
 
     def due(self, epoch: Optional[int]) -> bool:
         """Whether any head is to be trained after `epoch` (None: a stand-alone evaluation)."""
@@ -135,6 +138,7 @@ class LinearProbingEvaluator:
         check_labels(val_l, self.num_classes, "linear probe, val set")
         was_training = encoder.training
         encoder.eval()
+        self.last_losses = {h.settings.log_name: [] for h in heads}
         try:
             for e in range(max(h.settings.epochs for h in heads)):
                 self._train_epoch([h for h in heads if e < h.settings.epochs], e, encoder, train_loader, device,
@@ -151,7 +155,9 @@ class LinearProbingEvaluator:
 
     def _train_epoch(self, heads: list[_Head], epoch: int, encoder: nn.Module, loader, device: torch.device,
                      autocast) -> None:
-        """One pass over `loader`: one encoder pass per batch feeds every head."""
+        """One pass over `loader`: one encoder pass per batch feeds every head. Each head's mean loss
+        is averaged over the processes (the same number of equal batches on each, as training
+        loaders make them), so the logged loss is the global batches', not rank 0's part."""
         for h in heads:
             set_learning_rate(h.optimizer, h.schedule(epoch, h.lr))
             h.model.train()
@@ -174,7 +180,9 @@ class LinearProbingEvaluator:
             steps += 1
         if steps == 0:
             raise RuntimeError(f"linear probe epoch {epoch}: the training loader yielded no batch")
-        means = (losses / steps).tolist()  # one transfer per epoch
+        means = all_reduce_mean((losses / steps).to(comm_device(losses))).tolist()  # one transfer per epoch
+        for h, m in zip(heads, means):
+            self.last_losses[h.settings.log_name].append(m)
         log.info("linear probe epoch %d: %s", epoch, ", ".join(
             f"{h.settings.log_name or 'head'} loss {m:.4f} lr {h.optimizer.param_groups[0]['lr']:.4g}"
             for h, m in zip(heads, means)))
