@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,11 @@ EXIT_GRACE_S = 300
 def pytest_unconfigure(config):
     """After the summary: a test run whose interpreter has not ended EXIT_GRACE_S seconds later is
     waiting at exit for something a test left behind (a thread, a child process). Print where
-    every thread stands and exit with status 1, rather than hang CI until its limit."""
-    faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)
+    every thread stands and exit with status 1, rather than hang CI until its limit. Only where
+    pytest is the program (`pytest`, `python -m pytest`): a notebook that ran pytest.main goes on."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if (spec is not None and spec.name == "pytest.__main__") or Path(sys.argv[0]).name in ("pytest", "py.test"):
+        faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)
 
 
 # The paper's 2views_100ep.yaml: the values every other experiment is described against.
