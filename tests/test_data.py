@@ -998,7 +998,11 @@ signalled = []
 def signal_the_workers():
     while len(signalled) < 2:
         for worker in psutil.Process().children():
-            if worker.pid not in signalled and "spawn_main" in " ".join(worker.cmdline()):
+            try:
+                starting = worker.pid not in signalled and "spawn_main" in " ".join(worker.cmdline())
+            except psutil.Error:  # a child that has just ended
+                continue
+            if starting:
                 for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
                     os.kill(worker.pid, getattr(signal, name))
                 signalled.append(worker.pid)
