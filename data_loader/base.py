@@ -28,6 +28,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from utils.config import ConfigError
 
@@ -112,6 +113,17 @@ def own_randomness(batches: Iterator, generator: torch.Generator, in_process: bo
         yield batch
 
 
+def loader_batches(dataset, seeds: torch.Generator, num_workers: int, in_process: bool, sampler=None) -> Iterator:
+    """The batches of `dataset` (which makes whole batches) through a DataLoader of `num_workers`
+    workers seeded from `seeds`, as every loader type reads its data: the workers ignore the stop
+    signals from their start (`start_workers`, `init_worker`) and end cleanly; batches are pinned
+    where CUDA is (they copy to the GPU asynchronously); and the recipe draws from randomness of
+    its own when it runs `in_process` (`own_randomness`)."""
+    loader = DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, generator=seeds,
+                        worker_init_fn=init_worker, pin_memory=torch.cuda.is_available())
+    return own_randomness(start_workers(loader), seeds, in_process)
+
+
 def _global_states() -> tuple:
     return random.getstate(), np.random.get_state(), torch.get_rng_state()
 
@@ -129,7 +141,7 @@ def _worker_signals() -> set:
     return {getattr(signal, name) for name in WORKER_IGNORED_SIGNALS if hasattr(signal, name)}  # Windows: no SIGUSR1
 
 
-def start_workers(loader: torch.utils.data.DataLoader) -> Iterator:
+def start_workers(loader: DataLoader) -> Iterator:
     """`iter(loader)`, its worker processes started with the stop signals blocked: they inherit
     the mask and hold any such signal pending until `init_worker` has set them to be ignored. A
     stop signal in the moment a worker starts (a forked one within milliseconds; a spawned one
@@ -164,10 +176,11 @@ def init_worker(worker_id: int) -> None:
       active exception", then "DataLoader worker ... is killed by signal: Aborted" at every
       epoch's end). A forked worker never gets here: multiprocessing ends it with `os._exit`.
     """
-    for signum in _worker_signals():
+    signums = _worker_signals()
+    for signum in signums:
         signal.signal(signum, signal.SIG_IGN)  # discards those held pending since the start
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _worker_signals())  # blocked by `start_workers`
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)  # blocked by `start_workers`
     atexit.register(os._exit, 0)  # registered last, so run first: before the finalisation
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
 from data_loader.base import (
@@ -37,10 +37,8 @@ from data_loader.base import (
     LoaderRuntime,
     epoch_generator,
     eval_shard,
-    init_worker,
-    own_randomness,
+    loader_batches,
     per_process_batch,
-    start_workers,
     train_indices,
 )
 from data_loader.gpu_augment import DecodeOn, split_work
@@ -246,9 +244,6 @@ class ImageFolderLoader:
     def __iter__(self) -> Iterator[Batch]:
         dataset = FolderBatches(self.samples, self.transform, self.training)
         seeds = epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank)
-        loader = DataLoader(dataset, sampler=self.batches(), batch_size=None, num_workers=self.num_workers,
-                            generator=seeds,
-                            worker_init_fn=init_worker,  # stop signals are the trainer's; spawned workers end cleanly
-                            pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
         in_process = self.num_workers == 0 and self.gpu_recipe is None  # the CPU recipe runs here
-        yield from itertools.islice(own_randomness(start_workers(loader), seeds, in_process), self.start_step, None)
+        batches = loader_batches(dataset, seeds, self.num_workers, in_process, sampler=self.batches())
+        yield from itertools.islice(batches, self.start_step, None)

@@ -40,16 +40,14 @@ from typing import Callable, Iterator, Literal, Optional
 import braceexpand
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from data_loader.base import (
     DataError,
     LoaderRuntime,
     epoch_generator,
-    init_worker,
-    own_randomness,
+    loader_batches,
     per_process_batch,
-    start_workers,
 )
 from data_loader.gpu_augment import DecodeOn, split_work
 from data_loader.transforms import (
@@ -265,11 +263,8 @@ class WebLoader:
         rank, seed = self.runtime.rank, self.runtime.seed
         stream = ShardStream(self.process_shards(), self.transform, self.batch_size, self.training, self.shuffle,
                              seed_key=f"seed {seed}/epoch {self.epoch}/rank {rank}")
-        seeds = epoch_generator(seed + 1, self.epoch, rank)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=seeds,
-                            worker_init_fn=init_worker,  # stop signals are the trainer's; spawned workers end cleanly
-                            pin_memory=torch.cuda.is_available())  # pinned batches copy to the GPU asynchronously
-        batches = own_randomness(start_workers(loader), seeds, self.num_workers == 0 and self.gpu_recipe is None)
+        in_process = self.num_workers == 0 and self.gpu_recipe is None  # the CPU recipe runs here
+        batches = loader_batches(stream, epoch_generator(seed + 1, self.epoch, rank), self.num_workers, in_process)
         if not self.training:
             yield from itertools.islice(batches, self.start_step, None)
             return
