@@ -136,7 +136,12 @@ class Trainer:
             save_checkpoint(self.state_dict(epoch - 1, epoch_step), path)
             log.info("saved %s after %d of %d batches of epoch %d", path, epoch_step, len(self.loader), epoch)
         barrier()  # none may exit (and, under SLURM, requeue the job) before the checkpoint is on disk
-        raise Preempted(self._stop_cause(), str(path) if path else None)
+        raise self._preempted()
+
+    def _preempted(self) -> Preempted:
+        """What ends a stopped run: its cause (`_stop_cause`, a collective) and the checkpoint it
+        continues from (None on the processes without the run folder)."""
+        return Preempted(self._stop_cause(), str(self.run.checkpoint()) if self.run else None)
 
     def _stop_cause(self) -> int:
         """The signal that stopped the run, the same on every process: SIGUSR1 (SLURM's warning
@@ -223,11 +228,11 @@ class Trainer:
                 time.perf_counter() - start, len(self.loader) * self.loader.global_batch_size, self.proc.device))
             self.save(epoch)
             if self.stop.requested():  # after rank 0's save: a collective, so all wait for it
-                raise Preempted(self._stop_cause(), str(self.run.checkpoint()) if self.run else None)
+                raise self._preempted()
             self._add_epoch_record(results, {"epoch": epoch, "step": self.step, **train_metrics,
                                              **self.evaluate(epoch)})
             if epoch < self.settings.epochs - 1 and self.stop.requested():  # came during the evaluation
-                raise Preempted(self._stop_cause(), str(self.run.checkpoint()) if self.run else None)
+                raise self._preempted()
         return results
 
     def _record(self, record: dict) -> None:
