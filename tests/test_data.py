@@ -977,6 +977,13 @@ def test_loader_workers_ignore_stop_signals(data, kind, signum):
     assert len(rest) == len(loader) - 1 == 5 and first[1].shape == (4,)
 
 
+def run_python(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`script` run by a new Python in the repository, its output captured (the timeout only
+    catches a hang)."""
+    return subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 @pytest.mark.parametrize("kind", ["shards", "folder"])
 def test_stop_signals_while_workers_start_do_not_kill_them(data, kind):
     """A stop signal can reach a worker before it has set itself to ignore it (`init_worker`):
@@ -1010,8 +1017,7 @@ def signal_the_workers():
 threading.Thread(target=signal_the_workers, daemon=True).start()
 print(len(list(loader)), len(signalled), flush=True)
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True,
-                          text=True, timeout=300)
+    done = run_python(script)
     assert done.returncode == 0 and done.stdout.split() == ["6", "2"], done.stderr[-3000:]
 
 
@@ -1035,8 +1041,7 @@ for loader in loaders:
         loader.set_epoch(epoch)
         print(sum(1 for _ in loader), flush=True)
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True,
-                          text=True, timeout=300)
+    done = run_python(script)
     assert done.returncode == 0 and done.stdout.split() == ["6"] * 4, done.stderr[-3000:]
     for sign in ("terminate called", "Aborted", "Exception ignored"):
         assert sign not in done.stderr, done.stderr[-3000:]
@@ -1065,8 +1070,7 @@ for step, _ in enumerate(crashing):
     if step == 1:
         raise RuntimeError("a crash mid-epoch")
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True,
-                          text=True, timeout=120)
+    done = run_python(script, timeout=120)
     assert done.returncode == 1 and done.stdout.split() == ["0", "1"], done.stderr[-3000:]
     assert done.stderr.rstrip().endswith("RuntimeError: a crash mid-epoch"), done.stderr[-3000:]
     for sign in ("killed by signal", "Exception ignored", "Aborted"):
