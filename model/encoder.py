@@ -15,6 +15,7 @@ from utils.config import ConfigError
 from utils.registry import ENCODERS
 
 RESNET_LAYOUTS = {
+    "resnet10": (BasicBlock, [1, 1, 1, 1]),  # not in torchvision: one block a stage, for quick runs
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
@@ -27,13 +28,15 @@ def build_resnet(arch: str, width: int = 64, cifar_stem: bool = False) -> tvm.Re
     """A torchvision ResNet with `zero_init_residual=True`, optionally narrower or with a small stem.
 
     Args:
-        arch: a torchvision ResNet name (`resnet18` ... `resnet152`, `wide_resnet50_2`, ...).
+        arch: a torchvision ResNet name (`resnet18` ... `resnet152`, `wide_resnet50_2`, ...), or
+            `resnet10` (ResNet-18 with one block a stage).
         width: channels of the stem and the first stage (64 in torchvision); the stages double it.
         cifar_stem: a 3x3 stride-1 first convolution and no max-pool, for images of 32 px or less.
     """
-    if not arch.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(tvm, arch):
+    in_torchvision = arch.startswith(("resnet", "wide_resnet", "resnext")) and hasattr(tvm, arch)
+    if not in_torchvision and arch not in RESNET_LAYOUTS:
         raise ConfigError(f"encoder.args.arch: unknown ResNet {arch!r}")
-    if width == 64:
+    if width == 64 and in_torchvision:
         net = getattr(tvm, arch)(zero_init_residual=True)
     else:
         if arch not in RESNET_LAYOUTS:
