@@ -365,6 +365,7 @@ class Trainer:
         for ev in self.evaluations:
             if not ev.evaluator.due(epoch):
                 continue
+            log.info("%s after epoch %d: evaluating", type(ev.evaluator).__name__, epoch)
             start = time.perf_counter()
             for loader in (ev.train, ev.val):
                 loader.set_epoch(max(epoch, 0))
