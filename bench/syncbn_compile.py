@@ -97,7 +97,7 @@ def probe(rank: int, args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--arch", default="resnet50", choices=("resnet18", "resnet50"))
+    parser.add_argument("--arch", default="resnet50", choices=("resnet10", "resnet18", "resnet50"))
     parser.add_argument("--batch", type=int, default=32, help="per process and view")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=5, help="timed steps")

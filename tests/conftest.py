@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# Before torch loads: inductor writes scalar C++ for the CPU in the tests (and in the processes they
+# start), which gcc compiles in half the time of the vectorised code. The graphs, their lowering and
+# the numbers the compile tests compare are the same; training compiles for the GPU, where this
+# setting has no effect.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N runs N workers (pyproject: one a core): each computes on one thread and compiles
+    # in its own process. OpenMP threads that outnumber the cores spin against each other: a
+    # training test ran four times slower beside a compile test.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-import eval as eval_entry
-import train as train_entry
+import pytest  # noqa: E402
+
+import eval as eval_entry  # noqa: E402
+import train as train_entry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "examples" / "quickstart.yaml"
@@ -25,6 +38,12 @@ def pytest_unconfigure(config):
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if (spec is not None and spec.name == "pytest.__main__") or Path(sys.argv[0]).name in ("pytest", "py.test"):
         faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first (otherwise in file order): the workers then share out the quick ones at
+    the end, instead of one worker finishing a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 # The paper's 2views_100ep.yaml: the values every other experiment is described against.

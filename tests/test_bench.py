@@ -29,6 +29,7 @@ def test_reference_style_loss_equals_ours(n_views, n_pos):
     torch.testing.assert_close(ReferenceStyleGroCo(n_views, n_pos_augs=n_pos)(views), ours, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bench_loss_prints_both_timings():
     out = run_module("bench.bench_loss", "--batch", "32", "--dim", "64", "--repeats", "2", "--device", "cpu",
                      "--views", "4", "--n-pos", "2", "--count-ops")
@@ -37,10 +38,11 @@ def test_bench_loss_prints_both_timings():
     assert counts and int(counts[2]) > 0 and int(counts[1]) > 0, out
 
 
+@pytest.mark.slow
 def test_train_throughput_synthetic_multicrop():
     """Every path prints samples/s and the loss's share of its step."""
-    out = run_module("bench.train_throughput", "--device", "cpu", "--arch", "resnet18", "--batch", "16",
-                     "--steps", "1", "--warmup", "1", "--multicrop", "--sizes", "32", "16", "--compile-mode")
+    out = run_module("bench.train_throughput", "--device", "cpu", "--arch", "resnet10", "--batch", "16",
+                     "--steps", "1", "--warmup", "0", "--multicrop", "--sizes", "32", "16", "--compile-mode")
     assert "views [32, 32, 16, 16, 16, 16, 16, 16]" in out
     rows = [line for line in out.splitlines() if "samples/s" in line]
     assert [r.split("  ")[0] for r in rows] == ["reference-style (fp16, NCHW)", "fp16, NCHW, our loss",
@@ -63,18 +65,20 @@ def test_bench_loader_times_real_shards(modes, recipe):
     assert rows[0]["samples_per_s"] > 0 and rows[0]["main_cpu_ms"] >= 0
 
 
+@pytest.mark.slow
 def test_train_throughput_makes_shards_for_every_worker():
     """`--make-shards N --workers W` (the device script's end-to-end run) writes enough shards for W
     workers to read shards of their own, and times a path on them."""
-    out = run_module("bench.train_throughput", "--device", "cpu", "--arch", "resnet18", "--batch", "12", "--steps", "1",
-                     "--warmup", "1", "--short", "--compile-mode", "--make-shards", "24", "--workers", "3")
+    out = run_module("bench.train_throughput", "--device", "cpu", "--arch", "resnet10", "--batch", "12", "--steps", "1",
+                     "--warmup", "0", "--short", "--compile-mode", "--make-shards", "24", "--workers", "3")
     assert re.search(r"reference-style \(fp16, NCHW\) +[\d.]+ samples/s", out), out
 
 
+@pytest.mark.slow
 def test_syncbn_compile_probe_runs():
     """The SyncBatchNorm-under-compile probe (plain BatchNorm on the CPU) trains two gloo processes
     eagerly and compiled and reports graphs, breaks, the gradient difference and step times."""
-    out = run_module("bench.syncbn_compile", "--device", "cpu", "--arch", "resnet18", "--batch", "4", "--size", "32",
+    out = run_module("bench.syncbn_compile", "--device", "cpu", "--arch", "resnet10", "--batch", "4", "--size", "32",
                      "--steps", "1")
     assert re.search(r"graphs compiled: [1-9]\d*, graph breaks: \d+", out), out
     diff = re.search(r"largest gradient difference, compiled - eager: ([\d.e+-]+) of the largest gradient", out)
@@ -82,6 +86,7 @@ def test_syncbn_compile_probe_runs():
     assert re.search(r"ms per step: eager [\d.]+, compiled [\d.]+", out), out
 
 
+@pytest.mark.slow
 def test_bench_gpu_augment_counts_operators():
     out = run_module("bench.bench_gpu_augment", "--device", "cpu", "--batch-size", "4", "--batches", "1",
                      "--workers", "1", "--recipes", "dino_multicrop", "--count-ops")

@@ -254,6 +254,7 @@ def test_torchvision_imagenet_layout(tmp_path):
     assert sorted(keys) == sorted(e.key for e in entries["val"])
 
 
+@pytest.mark.slow
 def test_writer_runs_as_the_readme_command(tmp_path):
     """`python preprocessing/create_tar_webdataset.py --input ... --output ...` as the seed README says."""
     entries = make_tree(tmp_path / "in", {"train": {"a": ["rgb"] * 3}, "val": {"a": ["rgb"]}})
@@ -521,6 +522,7 @@ def test_folder_loader_scans_lazily(tmp_path):
         len(loader)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_folder_evaluation_in_dataset_order(data, num_workers):
     loader = folder(data.raw, False, 5, train=False, num_workers=num_workers)
@@ -732,6 +734,7 @@ def two_processes(data, tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.slow
 def test_two_processes_web_evaluation(data, two_processes):
     """5 val shards over 2 processes: rank 0 reads shards 0-1, rank 1 shards 2-4; gathered in rank
     order they give every sample once, in the shards' order."""
@@ -742,17 +745,20 @@ def test_two_processes_web_evaluation(data, two_processes):
     assert [r["web_val"]["labels"] for r in two_processes] == [[data.by_key("val")[k].label for k in ks] for ks in keys]
 
 
+@pytest.mark.slow
 def test_two_processes_web_training(two_processes):
     for r in two_processes:
         assert r["web_train"]["len"] == r["web_train"]["max_steps"] == len(r["web_train"]["shapes"]) == 3
         assert r["web_train"]["shapes"] == [[(4, 3, 224, 224), (4, 3, 224, 224), (4,)]] * 3
 
 
+@pytest.mark.slow
 def test_two_processes_folder_evaluation(data, two_processes):
     keys = [identify(r["folder_val"]["colours"], data.entries["val"]) for r in two_processes]
     assert keys[0] + keys[1] == sorted(data.by_key("val")) and len(keys[0]) == 7
 
 
+@pytest.mark.slow
 def test_two_processes_folder_training(two_processes):
     for r in two_processes:
         assert r["folder_train"]["len"] == r["folder_train"]["max_steps"] == 4
@@ -828,6 +834,7 @@ def test_train_one_epoch_from_an_image_folder(data, tmp_path):
     assert set(results["final"]) == {"train_loss", "lr", "knn@3_online"}
 
 
+@pytest.mark.slow
 def test_train_one_epoch_from_shards_with_gpu_augmentation(data, tmp_path):
     """`augment_on: gpu`: the loader hands over JPEG files, the trainer decodes and augments them on
     the device (the CPU here, with the same code), the next batch on a background thread. A second
@@ -845,12 +852,13 @@ def test_train_one_epoch_from_shards_with_gpu_augmentation(data, tmp_path):
     assert [s["loss"] for s in decoded_by_workers] == [s["loss"] for s in steps]
 
 
+@pytest.mark.slow
 def test_train_throughput_bench_reads_real_shards(data):
     """The bench's real-data mode: the reference-style path through the PIL recipe on a worker, ours
     augmenting on the device (the CPU here) the files it decodes or the worker decoded, each
     printing its samples/s."""
-    done = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--device", "cpu", "--arch", "resnet18",
-                           "--batch", "12", "--steps", "1", "--warmup", "1", "--compile-mode", "--workers", "1",
+    done = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--device", "cpu", "--arch", "resnet10",
+                           "--batch", "12", "--steps", "1", "--warmup", "0", "--compile-mode", "--workers", "1",
                            "--shards", data.pattern("train"), "--dataset-size", "24", "--shuffle", "8"],
                           cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -860,6 +868,7 @@ def test_train_throughput_bench_reads_real_shards(data):
     assert feeds == ["decoded on the GPU", "decoded by CPU workers"] * 2
 
 
+@pytest.mark.slow
 def test_sigterm_while_prefetching_saves_and_resumes_exactly(data, tmp_path):
     """augment_on gpu prepares the next batch on a thread: a SIGTERM still stops the run after the
     step, saves and exits 0 (the thread ends), and resuming ends with an uninterrupted run's weights."""
@@ -984,6 +993,7 @@ def run_python(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["shards", "folder"])
 def test_stop_signals_while_workers_start_do_not_kill_them(data, kind):
     """A stop signal can reach a worker before it has set itself to ignore it (`init_worker`):
@@ -1021,6 +1031,7 @@ print(len(list(loader)), len(signalled), flush=True)
     assert done.returncode == 0 and done.stdout.split() == ["6", "2"], done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_workers_started_without_fork_end_cleanly(data):
     """macOS starts DataLoader workers by spawn (Linux from Python 3.14 by forkserver, which ends
     them the same way). Two epochs of each loader, whose workers are stopped at every epoch's end
@@ -1047,6 +1058,7 @@ for loader in loaders:
         assert sign not in done.stderr, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_a_process_exits_with_its_loader_workers_alive(data, start):
     """The workers ignore SIGTERM, which multiprocessing sends its daemonic children at exit before
@@ -1077,6 +1089,7 @@ for step, _ in enumerate(crashing):
         assert sign not in done.stderr, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_process_group_saves_and_resumes(data, tmp_path):
     """A Ctrl-C in a terminal: SIGINT to train.py and its two loader workers at once. The run
     finishes its step, saves and exits 130 (the shell's code for it), without a

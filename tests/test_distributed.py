@@ -57,30 +57,44 @@ def one_step(model: nn.Module, loss_fn: nn.Module, views: list[torch.Tensor]) ->
     return loss.item()
 
 
-def distributed_step(rank: int, world: int, name: str, out: str) -> None:
-    model = nn.parallel.DistributedDataParallel(make_model())
-    views = [v[rank * BATCH:(rank + 1) * BATCH] for v in make_views(VIEWS.get(name, 2))]
-    loss = one_step(model, LOSSES[name](True), views)
-    losses = [None] * world
-    dist.all_gather_object(losses, loss)
+def distributed_steps(rank: int, world: int, out: str) -> None:
+    """One step of every loss in LOSSES on this process's part of the batch, each from a fresh model."""
+    results = {}
+    for name in sorted(LOSSES):
+        model = nn.parallel.DistributedDataParallel(make_model())
+        views = [v[rank * BATCH:(rank + 1) * BATCH] for v in make_views(VIEWS.get(name, 2))]
+        loss = one_step(model, LOSSES[name](True), views)
+        losses = [None] * world
+        dist.all_gather_object(losses, loss)
+        results[name] = {"losses": losses, "params": [p.detach() for p in model.module.parameters()]}
+        # each DDP model freed before the process group, as train.py does: the other order hung now
+        # and then at exit (torch 2.11)
+        del model
     if rank == 0:
-        torch.save({"losses": losses, "params": [p.detach() for p in model.module.parameters()]}, out)
+        torch.save(results, out)
 
 
-def worker(rank: int, world: int, port: int, name: str, out: str) -> None:
+def worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        distributed_step(rank, world, name, out)  # DDP freed before its process group, as train.py does:
-    finally:  # the other order hung now and then at exit (torch 2.11)
+        distributed_steps(rank, world, out)
+    finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path, name):
-    out = tmp_path / "two.pt"
+@pytest.fixture(scope="module")
+def two_process_steps(tmp_path_factory) -> dict:
+    """Every loss's step on two processes, from one launch (one torch import per process)."""
+    out = tmp_path_factory.mktemp("two") / "two.pt"
     # not "fork": forking a process whose OpenMP threads have run can hang the child
-    mp.start_processes(worker, args=(2, free_port(), name, str(out)), nprocs=2, start_method="forkserver")
-    two = torch.load(out)
+    mp.start_processes(worker, args=(2, free_port(), str(out)), nprocs=2, start_method="forkserver")
+    return torch.load(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_two_processes_equal_one_process_on_the_combined_batch(two_process_steps, name):
+    two = two_process_steps[name]
     single = make_model()
     loss = one_step(single, LOSSES[name](False), make_views(VIEWS.get(name, 2)))
     assert sum(two["losses"]) / 2 == pytest.approx(loss, rel=1e-5, abs=1e-6)
@@ -99,6 +113,7 @@ def seed_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_processes_agree_on_a_drawn_seed(tmp_path):
     """seed: null: rank 0 draws the seed and every process takes it (it orders the data: with a seed
     of their own, the processes' parts of an epoch overlapped and left samples out)."""
@@ -126,6 +141,7 @@ def test_slurm_variables_are_read(monkeypatch):
         init_process(True, 3, "env://", "cpu", None)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_the_cpu(tmp_path):
     """The README's torchrun command on the quickstart: one run folder, results from rank 0."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -146,6 +162,7 @@ def test_torchrun_two_processes_on_the_cpu(tmp_path):
     assert "BatchNorm statistics stay per process" in done.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_with_compile_trains_like_eager(tmp_path):
     """trainer.compile under DDP (torch.compile splits the graph at DDP's gradient buckets): two
     torchrun processes give the step losses of the same run uncompiled. PyTorch's warning 'Grad
@@ -156,7 +173,8 @@ def test_torchrun_with_compile_trains_like_eager(tmp_path):
     for mode in ("false", "true"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                "--distributed", "--world-size", "2", "--config", str(QUICKSTART), "--epochs", "1", "evaluator=null",
-               "trainer.init_val=false", f"trainer.compile={mode}", f"save_dir={tmp_path / mode}"]
+               "trainer.init_val=false", "encoder.args.arch=resnet10", f"trainer.compile={mode}",
+               f"save_dir={tmp_path / mode}"]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         run = only_run_dir(tmp_path / mode, "quickstart")
@@ -188,6 +206,7 @@ def _wait(procs: list[subprocess.Popen]) -> list[str]:
     return errs
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
     """SLURM's SIGUSR1 to rank 1 only: both ranks stop after the same step (the stop flag is
     all-reduced), rank 0 saves, the job is requeued once, by rank 0, after the checkpoint is on disk
@@ -229,6 +248,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
             assert torch.equal(value, b[part][name]), f"{part}.{name} differs"
 
 
+@pytest.mark.slow
 def test_two_processes_log_the_loss_of_the_global_batch(tmp_path):
     """A process's loss is the mean over its half of the global batch; the step's logged loss (and
     the epoch's train_loss) is the whole batch's, as one process on it logs, not rank 0's half.

@@ -435,6 +435,7 @@ def two_process_worker(rank: int, world: int, port: int, root: str, out: str) ->
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_count_an_odd_val_set_once(tmp_path, image_root):
     """15 queries and 101 probe val samples over 2 processes: every one counted once, and the
     metrics are those of one process, the probe's logged training losses included (the global
@@ -463,6 +464,7 @@ def test_two_gloo_processes_count_an_odd_val_set_once(tmp_path, image_root):
 # ----------------------------------------------------------------------------- export
 
 
+@pytest.mark.slow
 def test_export_loads_into_torchvision_with_only_fc_missing(tmp_path):
     block = {"type": "RegularEncoder", "args": {"arch": "resnet18"}}
     net = tiny_model(block, seed=2)

@@ -144,6 +144,7 @@ def test_dry_run_of_the_image_folder_example_needs_no_data(tmp_path, capsys):
     assert summary["steps_per_epoch"] is None and summary["warmup_steps"] is None
 
 
+@pytest.mark.slow
 def test_readme_command_in_a_fresh_process(tmp_path):
     """`python train.py --config configs/2views_100ep.yaml` as the README writes it (dry run)."""
     out = subprocess.run(

@@ -20,6 +20,7 @@ def quickstart_run(tmp_path_factory):
     return only_run_dir(save_dir, "quickstart")
 
 
+@pytest.mark.slow
 def test_families_cover_the_metrics_of_a_run(quickstart_run):
     run = read_run(quickstart_run)
     assert len(run.steps) == 10 and [r["epoch"] for r in run.epochs] == [-1, 0, 1]
@@ -28,6 +29,7 @@ def test_families_cover_the_metrics_of_a_run(quickstart_run):
     assert [f.name for f in FAMILIES if f.name != "linear_probe"] == EXPECTED
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis", ["step", "epoch"])
 def test_one_png_per_metric_family(quickstart_run, tmp_path, capsys, axis):
     out = tmp_path / "figures"
@@ -40,6 +42,7 @@ def test_one_png_per_metric_family(quickstart_run, tmp_path, capsys, axis):
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name
 
 
+@pytest.mark.slow
 def test_positions_against_epochs(quickstart_run):
     run = read_run(quickstart_run)
     assert run.step_x("epoch").tolist() == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8]

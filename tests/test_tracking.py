@@ -132,6 +132,7 @@ def test_neptune_run_in_debug_mode(tmp_path, monkeypatch):
     assert result == {"final": {}} and sacred_files(tmp_path)["run"]["status"] == "COMPLETED"
 
 
+@pytest.mark.slow
 def test_neptune_is_imported_only_when_asked(tmp_path):
     """A fresh interpreter: a tracked run without --neptune, and a refused --neptune, import no
     Neptune module."""

@@ -3,6 +3,7 @@ resume, a non-finite loss, and the quickstart's learning."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
+from model.encoder import build_resnet
 from trainer.checkpoint import CheckpointError, load_checkpoint, load_module_state, save_checkpoint
 from trainer.preemption import StopSignal
 from trainer.setup import build_model
@@ -24,8 +26,11 @@ from utils.schema import validate
 from .conftest import QUICKSTART, ROOT, last_json_line, only_run_dir, run_eval, run_train
 
 FAST = ["evaluator=null", "trainer.init_val=false"]
+# compile tests: ResNet-10 (one block a stage) has half of ResNet-18's graph to compile
+SMALL_COMPILE = ["encoder.args.arch=resnet10"]
 
 
+@pytest.mark.slow
 def test_dry_run_prints_settings_and_json_summary(tmp_path):
     """A fresh process: the CPU is picked by itself and said so; nothing is written."""
     out = subprocess.run(
@@ -110,6 +115,16 @@ def test_unknown_arch_is_named_before_the_width(tmp_path, capsys):
     assert len(errors) == 1 and "encoder.args.arch: unknown ResNet 'resnet19'" in errors[0]
 
 
+def test_resnet10_is_resnet18_with_one_block_a_stage():
+    """`arch: resnet10` (the compile tests' small model) keeps torchvision's key names, at any width."""
+    for width in (64, 16):
+        keys = set(build_resnet("resnet10", width=width).state_dict())
+        resnet18 = build_resnet("resnet18", width=width).state_dict()
+        first_blocks = {k for k in resnet18 if not re.match(r"layer\d\.1\.", k)}
+        assert first_blocks == keys
+        assert "layer4.0.conv2.weight" in keys and not any(k.startswith("layer1.1.") for k in keys)
+
+
 def test_missing_data_is_one_clear_line_before_any_run_folder(tmp_path, capsys):
     """A folder that is not there, a split smaller than one training batch, shards that were never
     written, an evaluator with fewer classes than the data: exit status 2 with one line naming the
@@ -151,6 +166,7 @@ def test_missing_data_is_one_clear_line_before_any_run_folder(tmp_path, capsys):
     assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.slow
 def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys, small_quickstart):
     assert run_train(*small_quickstart, "--epochs", "1", *FAST) == 0
     run = only_run_dir(tmp_path, "quickstart")
@@ -163,6 +179,7 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys, small_qui
     assert run_eval("--resume", bogus, "--device", "cpu") == 2
 
 
+@pytest.mark.slow
 def test_checkpoint_format_and_module_prefix(tmp_path, small_quickstart):
     assert run_train(*small_quickstart, "--epochs", "1", *FAST) == 0
     run = only_run_dir(tmp_path, "quickstart")
@@ -223,6 +240,7 @@ def _step_losses(run) -> list[float]:
     return [json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"loss"' in line]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, small_quickstart):
     """2 epochs in one go == 1 epoch, then --resume for the second (same weights, bit for bit),
     continued in the checkpoint's own run folder; the results (k-NN before training and after each
@@ -260,6 +278,7 @@ def test_resume_continues_exactly(tmp_path, small_quickstart):
     assert sorted(p.name for p in run.glob("config*.yaml"))[0].startswith("config.before_")  # epochs changed
 
 
+@pytest.mark.slow
 def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path, small_quickstart, capsys):
     assert run_train(*small_quickstart, "--resume", "auto", "--epochs", "1", *FAST) == 0  # nothing yet: starts
     run = only_run_dir(tmp_path, "quickstart")
@@ -273,6 +292,7 @@ def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path, small_quicks
     assert load_checkpoint(run / "latest_model.pth")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, small_quickstart):
     """A real SIGTERM to a training process: it finishes the step, saves, exits 0; resuming ends
     with the weights of a run that was never interrupted."""
@@ -308,11 +328,11 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, small_quickstart)
     assert resumed_results == json.loads((straight / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_an_evaluation_stops_after_it(tmp_path, small_quickstart):
-    """Ctrl-C during an epoch's k-NN evaluation: sent as soon as the epoch's checkpoint appears
-    (it is written just before the evaluation, which here lasts long: the 1,797 digits one at a
-    time). The run stops with that checkpoint once the evaluation ends, without starting the next
-    epoch, and exits 130."""
+    """Ctrl-C during an epoch's k-NN evaluation: sent once the run logs that the evaluation after
+    epoch 0 has begun (it lasts long here: the 1,797 digits one at a time). The run stops with that
+    epoch's checkpoint once the evaluation ends, without starting the next epoch, and exits 130."""
     argv = [str(a) for a in small_quickstart] + ["--epochs", "3", "trainer.init_val=false",
                                                  "evaluator.0.args.apply_evaluator_per_epoch=1",
                                                  "valid_dataloader.0.args.batch_size=1",
@@ -321,7 +341,7 @@ def test_ctrl_c_during_an_evaluation_stops_after_it(tmp_path, small_quickstart):
         proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if list(tmp_path.glob("models/quickstart/*/latest_model.pth")):
+            if "KNNEvaluator after epoch 0: evaluating" in (tmp_path / "stderr.txt").read_text():
                 proc.send_signal(signal.SIGINT)
                 break
             time.sleep(0.01)
@@ -348,6 +368,7 @@ def test_ctrl_c_asks_for_a_stop_and_a_second_one_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.slow
 def test_runs_where_the_signal_module_has_no_sigusr1(tmp_path):
     """Windows has no SIGUSR1 (SLURM's warning signal): train.py still imports and trains there."""
     script = ("import signal, sys; del signal.SIGUSR1; import train; "
@@ -358,6 +379,7 @@ def test_runs_where_the_signal_module_has_no_sigusr1(tmp_path):
     assert load_checkpoint(only_run_dir(tmp_path, "quickstart") / "latest_model.pth")["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, small_quickstart):
     assert run_train(*small_quickstart, "--epochs", "1", *FAST) == 0
     good = only_run_dir(tmp_path, "quickstart") / "latest_model.pth"
@@ -371,6 +393,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, 
     assert good.read_bytes() == good_bytes
 
 
+@pytest.mark.slow
 def test_quickstart_learns(tmp_path, small_quickstart):
     """A shortened quickstart (12 epochs) still lifts held-out k-NN accuracy far above its start."""
     results = tmp_path / "results.json"
@@ -392,6 +415,7 @@ def test_quickstart_learns(tmp_path, small_quickstart):
     assert json.loads((tmp_path / "eval.json").read_text())["final"]["knn@20_online"] == pytest.approx(end)
 
 
+@pytest.mark.slow
 def test_channels_last_computes_the_same(tmp_path, small_quickstart):
     """trainer.channels_last changes the memory layout, not the numbers (beyond rounding)."""
     base = [a for a in small_quickstart if not str(a).startswith("save_dir=")]
@@ -402,12 +426,13 @@ def test_channels_last_computes_the_same(tmp_path, small_quickstart):
     assert len(plain) == 5 and plain == pytest.approx(nhwc, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_compile_computes_the_same(tmp_path, small_quickstart):
     """trainer.compile (here in the CUDA-graph mode, which on the CPU compiles without graphs) trains
     the model and the loss compiled to the same step losses as eager, and its metrics survive."""
     base = [a for a in small_quickstart if not str(a).startswith("save_dir=")]
     for mode in ("false", "reduce-overhead"):
-        assert run_train(*base, f"save_dir={tmp_path / mode}", "--epochs", "1", *FAST, "trainer.log_step=2",
-                         f"trainer.compile={mode}") == 0
+        assert run_train(*base, f"save_dir={tmp_path / mode}", "--epochs", "1", *FAST, *SMALL_COMPILE,
+                         "trainer.log_step=2", f"trainer.compile={mode}") == 0
     eager, compiled = (_step_losses(only_run_dir(tmp_path / m, "quickstart")) for m in ("false", "reduce-overhead"))
     assert len(compiled) == 5 and compiled == pytest.approx(eager, rel=1e-3)
