@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -106,6 +107,21 @@ def only_run_dir(save_dir: Path, name: str) -> Path:
 
 def last_json_line(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One epoch of the quickstart without evaluators, every step logged: a finished run folder,
+    trained once per test process. Tests that change a run folder work on a `copy_run` of it."""
+    save_dir = tmp_path_factory.mktemp("trained")
+    assert run_train("--config", QUICKSTART, "--device", "cpu", "--epochs", "1", "evaluator=null",
+                     "trainer.init_val=false", "trainer.log_step=1", f"save_dir={save_dir}") == 0
+    return only_run_dir(save_dir, "quickstart")
+
+
+def copy_run(run: Path, save_dir: Path) -> Path:
+    """A copy of the run folder `run` as `save_dir/models/quickstart/<its name>`."""
+    return Path(shutil.copytree(run, save_dir / "models" / "quickstart" / run.name))
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from utils.config import load_config
 from utils.dist import LaunchError, ProcessInfo, free_port, init_process
 from utils.schema import validate
 
-from .conftest import QUICKSTART, ROOT, only_run_dir, run_train
+from .conftest import QUICKSTART, ROOT, copy_run, only_run_dir
 
 BATCH, DIM = 12, 16
 LOSSES = {
@@ -249,15 +249,13 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_log_the_loss_of_the_global_batch(tmp_path):
+def test_two_processes_log_the_loss_of_the_global_batch(tmp_path, trained_run):
     """A process's loss is the mean over its half of the global batch; the step's logged loss (and
     the epoch's train_loss) is the whole batch's, as one process on it logs, not rank 0's half.
     Checked at the first step of a two-process resume, recomputed here from the checkpoint: each
     half through the model on its own (BatchNorm statistics stay per process on the CPU), the
     loss on the two halves together."""
-    base = ["--config", str(QUICKSTART), "evaluator=null", "trainer.init_val=false", "trainer.log_step=1"]
-    assert run_train(*base, "--epochs", "1", "--device", "cpu", f"save_dir={tmp_path}") == 0
-    run = only_run_dir(tmp_path, "quickstart")
+    run = copy_run(trained_run, tmp_path)  # one epoch, every step logged
     checkpoint = load_checkpoint(run / "latest_model.pth")
     _wait(_launch_pair(["--resume", str(run / "latest_model.pth"), "--epochs", "2"], free_port()))
     steps = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]

@@ -23,7 +23,7 @@ from utils.config import load_config
 from utils.dist import ProcessInfo
 from utils.schema import validate
 
-from .conftest import QUICKSTART, ROOT, last_json_line, only_run_dir, run_eval, run_train
+from .conftest import QUICKSTART, ROOT, copy_run, last_json_line, only_run_dir, run_eval, run_train
 
 FAST = ["evaluator=null", "trainer.init_val=false"]
 # compile tests: ResNet-10 (one block a stage) has half of ResNet-18's graph to compile
@@ -167,9 +167,8 @@ def test_missing_data_is_one_clear_line_before_any_run_folder(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys, small_quickstart):
-    assert run_train(*small_quickstart, "--epochs", "1", *FAST) == 0
-    run = only_run_dir(tmp_path, "quickstart")
+def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys, trained_run):
+    run = copy_run(trained_run, tmp_path)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     bogus = run / "config.yaml"
     capsys.readouterr()
@@ -180,9 +179,8 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys, small_qui
 
 
 @pytest.mark.slow
-def test_checkpoint_format_and_module_prefix(tmp_path, small_quickstart):
-    assert run_train(*small_quickstart, "--epochs", "1", *FAST) == 0
-    run = only_run_dir(tmp_path, "quickstart")
+def test_checkpoint_format_and_module_prefix(tmp_path, trained_run):
+    run = copy_run(trained_run, tmp_path)
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "latest_model.pth", "metrics.jsonl",
                                                     "results.json", "sacred", "train.log"]
     sacred_run = json.loads((run / "sacred" / "1" / "run.json").read_text())
@@ -380,9 +378,8 @@ def test_runs_where_the_signal_module_has_no_sigusr1(tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, small_quickstart):
-    assert run_train(*small_quickstart, "--epochs", "1", *FAST) == 0
-    good = only_run_dir(tmp_path, "quickstart") / "latest_model.pth"
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, trained_run):
+    good = copy_run(trained_run, tmp_path) / "latest_model.pth"
     good_bytes = good.read_bytes()
     capsys.readouterr()
     code = run_train("--resume", good, "--epochs", "2", "base_learning_rate=1e30", "warmup_epochs=0",
