@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 # Before torch loads: inductor writes scalar C++ for the CPU in the tests (and in the processes they
-# start), which gcc compiles in half the time of the vectorised code. The graphs, their lowering and
-# the numbers the compile tests compare are the same; training compiles for the GPU, where this
-# setting has no effect.
+# start), which gcc compiles in half the time of the vectorised code. The graphs and their lowering
+# are the same, only the C++ loops differ; training compiles for the GPU, where this has no effect.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n N runs N workers (pyproject: one a core): each computes on one thread and compiles

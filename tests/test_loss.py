@@ -225,8 +225,7 @@ def test_selected_weights_dense_equals_sparse():
 def test_compiled_groco_is_one_graph_and_equals_spec(stop_grad):
     """fullgraph=True fails on any graph break, so the loss can run as one CUDA graph; compiled, the
     backward takes the dense-weights path, which must give the SPEC gradient too. Three views and
-    4 negatives: every anchor sorts 6 scores, so the network has the six layers of the compiled
-    network test above and more."""
+    4 negatives: every anchor sorts 6 scores, through six layers."""
     views = _views(3, batch=24)
     compiled = torch.compile(GroCo(n_augs=3, topk_neg=4, stop_grad=stop_grad), fullgraph=True)
     loss, grads = _value_and_grads(lambda v: compiled(v)[0], views)
