@@ -23,11 +23,9 @@ from utils.config import load_config
 from utils.dist import ProcessInfo
 from utils.schema import validate
 
-from .conftest import QUICKSTART, ROOT, copy_run, last_json_line, only_run_dir, run_eval, run_train
+from .conftest import QUICKSTART, ROOT, SMALL_COMPILE, copy_run, last_json_line, only_run_dir, run_eval, run_train
 
 FAST = ["evaluator=null", "trainer.init_val=false"]
-# compile tests: ResNet-10 (one block a stage) has half of ResNet-18's graph to compile
-SMALL_COMPILE = ["encoder.args.arch=resnet10"]
 
 
 @pytest.mark.slow
