@@ -1016,7 +1016,9 @@ def signal_the_workers():
     while len(signalled) < 2:
         for worker in psutil.Process().children():
             try:
-                starting = worker.pid not in signalled and "spawn_main" in " ".join(worker.cmdline())
+                # a spawned worker once it runs: a child not yet exec'd still shows this script's
+                # command line, and so would the resource tracker's as it starts
+                starting = worker.pid not in signalled and worker.cmdline()[-1:] == ["--multiprocessing-fork"]
             except psutil.Error:  # a child that has just ended
                 continue
             if starting:
