@@ -13,13 +13,15 @@ Two modes, chosen by the config:
   its shards round and round (reshuffling their order on every new round), through a shuffle buffer
   of `shuffle` samples, and yields batches of exactly the per-process size. The loader stops after
   `dataset_size // batch_size` batches: the same number of steps on every process, none of which can
-  run short. Undecodable images are skipped and counted in a warning.
+  run short. Undecodable images are skipped and counted in a warning; so is the unreadable rest of a
+  shard cut short (one warning naming the shard; the stream reads on from the next shard).
 - Evaluation (otherwise). Every sample is read exactly once: process r takes a contiguous run of
   the shard list (the runs differ by at most one shard in length when the shards do not divide
   evenly; a process may then yield fewer batches), its workers split that run, and each worker
   yields its samples in shard order in batches of at most the per-process size. The order is a
   function of the shard list and num_workers, so gathering in rank order gives a deterministic
-  order. An undecodable image is an error naming the shard and the key.
+  order. An undecodable image is an error naming the shard and the key; a shard cut short is a
+  ShardError naming it.
 
 Sample shuffling and shard order depend only on (runtime.seed, epoch, rank, worker); the
 augmentations too (each epoch's DataLoader draws its workers' seeds from a generator seeded the same
@@ -34,6 +36,7 @@ import math
 import os
 import pickle
 import random
+import tarfile
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
 
@@ -68,10 +71,17 @@ def balanced_part(n: int, rank: int, world_size: int) -> range:
     return range(rank * n // world_size, (rank + 1) * n // world_size)
 
 
+SAMPLE_FILES = ("image.jpg", "metadata.pyd")  # the files of a sample, as the shard writer names them
+
+
+class ShardError(DataError):
+    """A shard that cannot be read to its end: cut short (a copy that stopped midway) or corrupt."""
+
+
 def sample_fields(sample: dict) -> tuple[bytes, int, str]:
     """(image bytes, class index, 'shard URL, key KEY') of one raw shard sample."""
     where = f"shard {sample.get('__url__')}, key {sample.get('__key__')}"
-    missing = [name for name in ("image.jpg", "metadata.pyd") if name not in sample]
+    missing = [name for name in SAMPLE_FILES if name not in sample]
     if missing:
         present = sorted(k for k in sample if not k.startswith("__"))
         raise ValueError(f"{where}: the sample lacks {missing} (it holds {present})")
@@ -87,8 +97,9 @@ class ShardStream(IterableDataset):
             `image_array` (-> uint8 `[H, W, 3]`; decode_on: cpu), or None: yield the JPEG bytes
             (augment_on: gpu).
         batch_size: the per-process batch.
-        training: stream the shards endlessly, skip undecodable images, yield full batches only;
-            otherwise one pass, undecodable images are errors, the last batch of a worker may be short.
+        training: stream the shards endlessly, skip undecodable images and the rest of a shard cut
+            short, yield full batches only; otherwise one pass, both are errors (a shard cut short
+            handed over as the last item, `handed_over`), the last batch of a worker may be short.
         shuffle: shuffle buffer size in samples (0: no shuffling).
         seed_key: a string naming (seed, epoch, rank); the worker id is added to seed the buffer.
     """
@@ -104,12 +115,16 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         urls = self.urls[worker::workers]
         rng = random.Random(f"{self.seed_key}/worker {worker}")
-        samples = endless_samples(urls, rng) if self.training else wds.tarfile_samples([{"url": u} for u in urls])
+        if self.training:
+            samples = endless_samples(urls, rng)
+        else:
+            samples = itertools.chain.from_iterable(shard_samples(url) for url in urls)
         if self.shuffle > 0:
             samples = wds.shuffle(self.shuffle, rng=rng)(samples)
         collate = collate_for(self.transform)
         batches = wds.batched(self.batch_size, collation_fn=collate, partial=not self.training)
-        return iter(batches(self._transformed(samples)))
+        made = batches(self._transformed(samples))
+        return iter(made) if self.training else handed_over(made)
 
     def _transformed(self, samples: Iterator[dict]) -> Iterator[tuple[list[torch.Tensor], int]]:
         """Raw samples -> (views, label); undecodable images skipped in training, errors otherwise."""
@@ -131,17 +146,62 @@ class ShardStream(IterableDataset):
             yield self.transform(image), label
 
 
+def shard_samples(url: str) -> Iterator[dict]:
+    """The raw samples of one shard, in order. Where the tar file ends in the middle of a file (cut
+    short) or is not a tar file, the complete samples before that point are yielded, then ShardError
+    is raised naming the shard and how many were read. (Python's tarfile takes a cut that falls on
+    a boundary between files, or inside a file's 512-byte header, for the end of the archive: such
+    a shard reads as a shorter one.)"""
+    cuts: list[tarfile.TarError] = []
+
+    def stop_at_a_cut(err: Exception) -> bool:  # webdataset's handler: False ends the shard
+        if not isinstance(err, tarfile.TarError):
+            raise err
+        cuts.append(err)
+        return False
+
+    read = 0
+    for sample in wds.tarfile_samples([{"url": url}], handler=stop_at_a_cut):
+        if cuts and any(name not in sample for name in SAMPLE_FILES):
+            break  # the sample that the cut went through, handed over incomplete when the shard ended
+        read += 1
+        yield sample
+    if cuts:
+        reason = str(cuts[0].args[0]).split(" @ ")[0]  # webdataset appends " @ <the open file>"
+        raise ShardError(f"shard {url} is cut short or corrupt ({reason}): {read} samples read before the cut; "
+                         f"copy it again, or write its split again with --overwrite (README, Data preparation)")
+
+
+def handed_over(batches: Iterator[Batch]) -> Iterator[Batch | ShardError]:
+    """`batches`, then the ShardError that ended them, if one did, as the last item: the loader
+    raises it. A DataLoader worker's exception reaches the loader as a new one whose message is the
+    worker's whole traceback; handed over as an item, it stays the one-line message naming the shard."""
+    try:
+        yield from batches
+    except ShardError as err:
+        yield err
+
+
 def endless_samples(urls: list[str], rng: random.Random) -> Iterator[dict]:
     """Raw samples of `urls`, pass after pass (the shard order reshuffled by `rng` for every pass
-    after the first), so that a reader never runs out within an epoch."""
-    urls = list(urls)
+    after the first), so that a reader never runs out within an epoch. A shard cut short gives the
+    samples before the cut and a warning, once per reader and epoch; the stream goes on with the
+    next shard, so the epoch keeps its length."""
+    urls, warned = list(urls), set()
     while True:
         count = 0
-        for sample in wds.tarfile_samples([{"url": u} for u in urls]):
-            count += 1
-            yield sample
+        for url in urls:
+            try:
+                for sample in shard_samples(url):
+                    count += 1
+                    yield sample
+            except ShardError as err:
+                if url not in warned:
+                    warned.add(url)
+                    get_logger().warning("%s. Training skips the rest of it (how many samples were lost is unknown: "
+                                         "a tar file has no index) and reads on from the next shard", err)
         if count == 0:
-            raise RuntimeError(f"the shards {urls} hold no samples")
+            raise DataError(f"the shards {urls} hold no readable samples")
         rng.shuffle(urls)
 
 
@@ -266,7 +326,14 @@ class WebLoader:
         in_process = self.num_workers == 0 and self.gpu_recipe is None  # the CPU recipe runs here
         batches = loader_batches(stream, epoch_generator(seed + 1, self.epoch, rank), self.num_workers, in_process)
         if not self.training:
-            yield from itertools.islice(batches, self.start_step, None)
+            for step, batch in enumerate(batches):
+                if isinstance(batch, ShardError):  # from `handed_over`
+                    # end the workers now: left to the traceback, which holds this frame, they would end
+                    # only when it is freed, and the DataLoader would then wait seconds on each
+                    batches.close()
+                    raise batch
+                if step >= self.start_step:
+                    yield batch
             return
         for step in range(len(self)):
             batch = next(batches, None)
