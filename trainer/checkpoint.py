@@ -1,19 +1,25 @@
-"""Checkpoints (SPEC 7): the released format plus what an exact continuation needs.
+"""Checkpoints (README: "Resume and preemption", "Released checkpoints and results"): the released
+format plus what an exact continuation needs.
 
 A checkpoint is a dict with `epoch` (last finished, 0-based), `step` (optimisation steps done),
 `encoder`, `projection`, `optimizer` (state dicts) and `config`, as the released checkpoints;
 ours add `scaler`, `rng` (torch, CUDA, numpy, python) and `data_seed`. Files are written to a
 temporary name in the same folder and renamed, so a crash never leaves a truncated checkpoint
-under a final name. Loading accepts state-dict keys with and without DDP's `module.` prefix and
-is strict: missing or unexpected keys are an error that lists them.
+under a final name. Every file, torch's legacy (pre-zip) format of the released checkpoints
+included, is read with `torch.load(weights_only=True)`: tensors and plain Python types, plus
+`argparse.Namespace`, which the released configs may hold; any other type is refused unexecuted,
+since unpickling it could run the file's code. Loading accepts state-dict keys with and without
+DDP's `module.` prefix and is strict: missing or unexpected keys are an error that lists them.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import random
-import zipfile
+import re
 from collections import OrderedDict
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,8 @@ from torch import nn
 from utils.files import atomic_write
 
 REQUIRED_KEYS = ("epoch", "encoder")
+# Types `load_checkpoint` reads besides tensors and plain Python types: what a known release needs.
+ALLOWED_TYPES = (argparse.Namespace,)  # the paper code's config may hold its parsed arguments
 
 log = logging.getLogger("groco")
 
@@ -41,22 +49,52 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint to the CPU; CheckpointError when absent or not a checkpoint."""
+    """Read a checkpoint to the CPU with `weights_only=True` (`ALLOWED_TYPES` besides tensors and
+    plain types); CheckpointError, in one line, when absent, unreadable, needing another type, or
+    not a checkpoint of this project. Nothing in the file is executed."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    # The released checkpoints use torch's legacy (pre-zip) format, which the restricted
-    # unpickler cannot read: those are unpickled in full (load only files you trust).
-    legacy = not zipfile.is_zipfile(path)
-    if legacy:
-        log.info("%s uses the legacy serialisation: unpickling it in full", path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=not legacy)
+        with allowing(ALLOWED_TYPES):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+        raise CheckpointError(refusal(path, err)) from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint of this project: it needs the keys {list(REQUIRED_KEYS)}")
     return state
+
+
+def allowing(types: tuple[type, ...]) -> AbstractContextManager:
+    """`types` allowed by `torch.load(weights_only=True)` inside the block. torch 2.4 has no scoped
+    form (`safe_globals` came in 2.5): there they are registered for the process."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(list(types))
+    torch.serialization.add_safe_globals(list(types))
+    return nullcontext()
+
+
+def refusal(path: Path, err: Exception) -> str:
+    """One line for a failed `torch.load`: the type that is not allowed and how to convert a file one
+    trusts, or else the first line of torch's reason (its weights-only messages span several)."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1].strip()
+    unsafe = re.match(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe and pickles_global(path, unsafe.group(1)):
+        name = unsafe.group(1)
+        allowed = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in ALLOWED_TYPES)
+        return (f"{path} needs {name}, which a checkpoint may not hold (tensors, plain Python types and {allowed} "
+                f"only: unpickling anything else can run code); if you trust the file, convert "
+                f"it: torch.load it with weights_only=False, replace the {name} by plain types (a dict, say) and "
+                f"torch.save the result (README, \"Released checkpoints and results\")")
+    reason = text.splitlines()[0] if text else "empty or cut short"
+    return f"{path} is not a readable checkpoint ({type(err).__name__}: {reason})"
+
+
+def pickles_global(path: Path, name: str) -> bool:
+    """Whether the file holds the global `name` whole, as pickle writes it ("module\\nname\\n"): a file
+    cut inside a global's name makes the unpickler report a cut name, which is no type to convert."""
+    module, _, attr = name.rpartition(".")
+    return f"{module or 'builtins'}\n{attr}\n".encode() in path.read_bytes()
 
 
 def find_latest_checkpoint(runs: Path) -> tuple[Path, dict] | None:
