@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 # Before torch loads: inductor writes scalar C++ for the CPU in the tests (and in the processes they
-# start), which gcc compiles in half the time of the vectorised code. The graphs and their lowering
-# are the same, only the C++ loops differ; training compiles for the GPU, where this has no effect.
+# start), and gcc compiles it at -O0 (TORCHINDUCTOR_DEBUG_COMPILE): each step cuts the compile
+# time of the compile tests (README, "Tests"). The graphs, their lowering and inductor's
+# floating-point flags are the same, only the C++ loops differ; training compiles for the GPU,
+# where neither setting applies.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
+os.environ.setdefault("TORCHINDUCTOR_DEBUG_COMPILE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n N runs N workers (pyproject: one a core): each computes on one thread and compiles
     # in its own process. OpenMP threads that outnumber the cores spin against each other: a
