@@ -49,7 +49,7 @@ def train(args, config, exp, checkpoint, proc) -> int:
     if not train_loader.training:
         raise ConfigError("train_dataloader.args: training needs `train: true` and shuffling (a shuffle buffer > 0 "
                           "for web_dataloader), so that every process runs the same number of full batches")
-    derived = derive(exp, proc.world_size, steps_per_epoch(train_loader) if args.dry_run else len(train_loader))
+    derived = derive(exp, proc.world_size, steps_per_epoch(train_loader, args.dry_run))
     net = build_model(exp, proc)
     loss_fn = build_loss(exp, proc)
     check_batches(loss_fn, train_loader.n_augs, train_loader.global_batch_size)

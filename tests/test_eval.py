@@ -316,7 +316,7 @@ def test_eval_py_knn_on_an_image_folder_equals_brute_force(tmp_path, image_root,
     config = tmp_path / "knn.yaml"
     config.write_text(yaml.safe_dump(knn_eval_config(image_root)))
     out = tmp_path / "results.json"
-    assert run_eval("--config", config, "--resume", ckpt, "--name", "knn", "--gpu", "0", "--device", "cpu",
+    assert run_eval("--config", config, "--resume", ckpt, "--name", "knn", "--device", "cpu",
                     "--results-json", out, f"save_dir={tmp_path}") == 0
     metrics = json.loads(out.read_text())["final"]
     bank, bank_labels = folder_features(net.encoder, image_root, train=True)

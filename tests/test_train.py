@@ -145,7 +145,7 @@ def test_missing_data_is_one_clear_line_before_any_run_folder(tmp_path, capsys):
         (run_train, [*folders, f"train_dataloader.args.root={tmp_path / 'absent'}"],
          f"root: {tmp_path / 'absent' / 'train'}: no such folder"),
         (run_train, [*folders, f"train_dataloader.args.root={tiny}"],
-         f"batch_size: {tiny / 'train'} has 3 images, fewer than one batch of 32"),
+         "train_dataloader.args.batch_size: 32 (the global batch; 1 process) is more than the 3 training samples"),
         (run_eval, ["--config", "configs/eval_knn.yaml", "encoder.type=RegularEncoder", "encoder.args.arch=resnet18",
                     f"valid_dataloader.0.args.shards={tmp_path}/train-{{0..3}}.tar", "--device", "cpu",
                     f"save_dir={tmp_path}"],
@@ -290,7 +290,7 @@ def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path, small_quicks
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, small_quickstart):
-    """A real SIGTERM to a training process: it finishes the step, saves, exits 0; resuming ends
+    """A real SIGTERM to a training process: it finishes the step, saves, exits 143; resuming ends
     with the weights of a run that was never interrupted."""
     argv = [str(a) for a in small_quickstart] + ["--epochs", "3", "trainer.log_step=1", *FAST]
     interrupted = tmp_path / "interrupted"
@@ -306,7 +306,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, small_quickstart)
             break
         time.sleep(0.05)
     err = proc.communicate(timeout=120)[1]
-    assert metrics is not None and proc.returncode == 0, err
+    assert metrics is not None and proc.returncode == 128 + signal.SIGTERM, err
     assert "received SIGTERM" in err and "stopped by SIGTERM" in err
     ckpt = load_checkpoint(metrics.parent / "latest_model.pth")
     assert ckpt["epoch_step"] > 0 and ckpt["step"] == 5 * (ckpt["epoch"] + 1) + ckpt["epoch_step"] < 15

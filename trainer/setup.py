@@ -44,6 +44,9 @@ def derive(exp: ExperimentConfig, world_size: int, steps_per_epoch: Optional[int
     if steps_per_epoch is not None:
         derived["total_steps"] = exp.trainer.epochs * steps_per_epoch
         derived["warmup_steps"] = round(exp.warmup_epochs * steps_per_epoch)
+    if exp.warmup_epochs > exp.trainer.epochs:
+        log.info("warmup_epochs %g is more than the %d epochs: the learning rate rises for the whole run and "
+                 "stops short of %g", exp.warmup_epochs, exp.trainer.epochs, derived["learning_rate"])
     return derived
 
 
@@ -111,13 +114,23 @@ def check_run_data(evaluations: list[Evaluation], *loaders) -> None:
                          for i, ev in enumerate(evaluations) for loader in (ev.train, ev.val)])
 
 
-def steps_per_epoch(loader) -> Optional[int]:
-    """Steps of the training loader, or None when that needs data that is not there (dry runs)."""
+def steps_per_epoch(loader, dry_run: bool = False) -> Optional[int]:
+    """Steps of one epoch of the training loader, the same on every process. ConfigError when its
+    data fills no global batch (the last partial batch is dropped), so that no process would run a
+    step; a dry run, which reads no data, gets None when counting needs data that is not there."""
     try:
-        return len(loader)
+        samples = loader.num_samples
     except DataError as err:
+        if not dry_run:
+            raise
         log.info("steps per epoch unknown until the data is there (%s)", err)
         return None
+    batch, processes = loader.global_batch_size, loader.runtime.world_size
+    if samples < batch:
+        each = f"{batch // processes} on each of {processes} processes" if processes > 1 else "1 process"
+        raise ConfigError(f"train_dataloader.args.batch_size: {batch} (the global batch; {each}) is more than the "
+                          f"{samples} training samples: an epoch would have no step")
+    return len(loader)
 
 
 def resolve_seed(seed: Optional[int]) -> int:

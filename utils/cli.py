@@ -1,8 +1,9 @@
 """The command line shared by train.py and eval.py (SPEC 8), and how it resolves the config.
 
 `-c/--config`, `-r/--resume`, `-n/--neptune`, `--name` (also `-name`, as the seed README spells it),
-`--distributed`, `--world-size`, `--dist-url`, `--device`, `--gpu`, `--epochs`, `--init_val`,
-`--dry-run`, `--results-json`, and any number of `dotted.key=value` overrides.
+`--distributed`, `--world-size`, `--dist-url`, `--dist-timeout`, `--device`, `--gpu`, `--epochs`,
+`--init_val`, `--dry-run`, `--results-json`, and any number of `dotted.key=value` overrides. Flags
+that contradict each other are an error, not a silent choice (`check_flags`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,7 +19,7 @@ from trainer.checkpoint import CheckpointError, find_latest_checkpoint, load_che
 from trainer.preemption import Preempted, requeue_under_slurm
 from trainer.trainer import NonFiniteLossError
 from utils.config import ConfigError, apply_overrides, deep_merge, load_config, read_yaml
-from utils.dist import LaunchError, init_process, launch_env, shutdown
+from utils.dist import DIST_TIMEOUT_S, WAIT_LOG_S, LaunchError, init_process, launch_env, max_over_processes, shutdown
 from utils.logging import setup_logging
 from utils.schema import validate
 from utils.tracking import check_neptune
@@ -37,6 +37,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true", help="one process per GPU under torchrun or srun")
     p.add_argument("--world-size", type=int, default=1, help="number of processes (with --distributed)")
     p.add_argument("--dist-url", default="env://", help="process-group rendezvous (default env://)")
+    p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
+                   help=f"seconds a process waits for the others to join before it gives up (default "
+                        f"{DIST_TIMEOUT_S}); it says it is waiting every {WAIT_LOG_S} s, or every quarter of "
+                        f"the timeout when that is shorter")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cuda (default; the CPU is used when no GPU is found) or cpu")
     p.add_argument("--gpu", type=int, help="GPU index for a single-process run")
@@ -49,15 +53,46 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[dict, Optional[dict]]:
+# flags that set a config key: (flag, its attribute in the parsed arguments, the key)
+FLAG_KEYS = (("--epochs", "epochs", "trainer.epochs"), ("--init_val", "init_val", "trainer.init_val"),
+             ("--name", "name", "name"))
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """ConfigError for flags that contradict each other, where one would silently win: launch
+    settings without --distributed (the run is one process), a GPU index with --device cpu or with
+    --distributed (each process takes the GPU of its local rank), and a flag together with an
+    override of the config key it sets."""
+    if not args.distributed:
+        launch = (("--world-size", args.world_size, 1), ("--dist-url", args.dist_url, "env://"),
+                  ("--dist-timeout", args.dist_timeout, DIST_TIMEOUT_S))
+        for flag, value, default in launch:
+            if value != default:
+                raise ConfigError(f"{flag} {value} needs --distributed: without it the run is one process")
+    if not args.dist_timeout > 0:
+        raise ConfigError(f"--dist-timeout {args.dist_timeout}: a number of seconds above 0")
+    if args.gpu is not None and args.device == "cpu":
+        raise ConfigError(f"--gpu {args.gpu} contradicts --device cpu: give one of them")
+    if args.gpu is not None and args.distributed:
+        raise ConfigError(f"--gpu {args.gpu} contradicts --distributed: each process takes the GPU of its local rank")
+    overridden = {item.partition("=")[0]: item for item in args.overrides}
+    for flag, attr, key in FLAG_KEYS:
+        if getattr(args, attr) is not None and key in overridden:
+            raise ConfigError(f"{flag} {getattr(args, attr)} and the override {overridden[key]} both set {key}: "
+                              f"give one of them")
+
+
+def resolve_config(args: argparse.Namespace, training: bool = True) -> tuple[dict, Optional[dict]]:
     """The config of this run and the checkpoint to resume from (or None).
 
     With `--resume`, the config is the `config.yaml` beside the checkpoint (else the one stored in
-    it), updated by `--config` when given; then the command-line overrides apply.
+    it), updated by `--config` when given; then the command-line overrides apply. `--resume auto`
+    that finds no checkpoint starts a new run when `training`, and is an error otherwise (an
+    evaluation of a randomly initialised encoder is not what was asked for).
     """
     checkpoint = None
     if args.resume == "auto":
-        found = find_auto_resume(args)  # already loaded there, to skip files that do not load
+        found = find_auto_resume(args, required=not training)  # loaded there, to skip files that do not load
         args.resume, checkpoint = (str(found[0]), found[1]) if found else (None, None)
     elif args.resume:
         checkpoint = load_checkpoint(args.resume)
@@ -90,15 +125,17 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, Optional[dict]]:
     return config, checkpoint
 
 
-def find_auto_resume(args: argparse.Namespace) -> Optional[tuple[Path, dict]]:
+def find_auto_resume(args: argparse.Namespace, required: bool = False) -> Optional[tuple[Path, dict]]:
     """`--resume auto`: the newest complete checkpoint under save_dir/models/<name> (its path and
-    contents), or None."""
+    contents), or None; CheckpointError instead of None when one is `required`."""
     if not args.config:
         raise ConfigError("--resume auto needs --config (it looks for the runs of that config)")
     config = apply_overrides(load_config(args.config), list(args.overrides))
     name = args.name or Path(args.config).stem
     runs = Path(config.get("save_dir", "./output")) / "models" / name
     found = find_latest_checkpoint(runs)
+    if found is None and required:
+        raise CheckpointError(f"--resume auto: no checkpoint under {runs} to evaluate; give one with --resume CKPT")
     if found is None:
         log.info("--resume auto: no checkpoint under %s, starting a new run", runs)
         return None
@@ -114,8 +151,9 @@ def print_summary(summary: dict) -> None:
 
 def run_entry(description: str, job: Callable, argv: Optional[list[str]], training: bool) -> int:
     """Parse, resolve and check the config, set up the process, then `job(args, config, exp,
-    checkpoint, proc)`. A bad config, checkpoint or launch is one logged line and exit code 2
-    (nothing is created before the checks pass); a non-finite loss exits with 1."""
+    checkpoint, proc)`. The exit status: 0 finished; 1 a non-finite loss; 2 a bad config, checkpoint
+    or launch (one logged line, and nothing is created before the checks pass); 128 + N stopped by
+    signal N, as a shell reports a process killed by it (README, "Exit status")."""
     args = build_parser(description).parse_intermixed_args(argv)
     launch = launch_env() if args.distributed else None
     setup_logging(launch["rank"] if launch else 0)  # the rank is known before the process group is
@@ -123,11 +161,13 @@ def run_entry(description: str, job: Callable, argv: Optional[list[str]], traini
         log.warning("--results-json %s: a dry run has no results and does not write it; its summary is the "
                     "last line of the output", args.results_json)
     try:
-        config, checkpoint = resolve_config(args)
+        check_flags(args)
+        config, checkpoint = resolve_config(args, training)
         exp = validate(config, world_size=args.world_size if args.distributed else 1, training=training)
         if args.neptune:
             check_neptune()  # credentials and packages, before anything starts
-        proc = init_process(args.distributed, args.world_size, args.dist_url, args.device, args.gpu)
+        proc = init_process(args.distributed, args.world_size, args.dist_url, args.device, args.gpu,
+                            args.dist_timeout)
         setup_logging(proc.rank)
         if proc.device.type == "cpu":
             log.info("running on the CPU%s", " (no CUDA device found)" if args.device == "cuda" else "")
@@ -139,10 +179,14 @@ def run_entry(description: str, job: Callable, argv: Optional[list[str]], traini
         return 2
     except Preempted as err:
         log.warning("%s", err)
-        shutdown()
         if not launch or launch["rank"] == 0:  # one requeue per job; every process knows the cause
             requeue_under_slurm(err.signum)
-        return 128 + signal.SIGINT if err.signum == signal.SIGINT else 0  # Ctrl-C: the shell's code
+        # The same status on every process, also where another process received the signal
+        # (signum 0). A collective, so that none exits before the requeue: a status other than 0
+        # makes `srun --kill-on-bad-exit` (scripts/slurm) kill the processes still running.
+        signum = max_over_processes(err.signum)
+        shutdown()
+        return 128 + signum
     except NonFiniteLossError as err:
         log.error("%s", err)
         return 1

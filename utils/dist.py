@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
+import threading
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger("groco")
+
 _control_group = None  # a gloo group for control messages when the main backend is NCCL
+DIST_TIMEOUT_S = 600  # --dist-timeout: how long a process waits for the others to join
+WAIT_LOG_S = 60  # how often a process that waits for the others says so
 
 
 class LaunchError(RuntimeError):
@@ -71,8 +79,10 @@ def launch_env() -> dict[str, int] | None:
     return None
 
 
-def init_process(distributed: bool, world_size: int, dist_url: str, device: str, gpu: int | None) -> ProcessInfo:
-    """Join the process group when `distributed`; pick the device.
+def init_process(distributed: bool, world_size: int, dist_url: str, device: str, gpu: int | None,
+                 timeout_s: float = DIST_TIMEOUT_S) -> ProcessInfo:
+    """Join the process group when `distributed` (waiting at most `timeout_s` seconds for the other
+    processes, see `rendezvous`); pick the device.
 
     NCCL on CUDA, gloo on the CPU. `--distributed` without a launcher's variables is an error,
     never a silent single-process run.
@@ -100,16 +110,45 @@ def init_process(distributed: bool, world_size: int, dist_url: str, device: str,
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
-    dist.init_process_group(
-        backend="nccl" if use_cuda else "gloo",
-        init_method=dist_url,
-        world_size=launch["world_size"],
-        rank=launch["rank"],
-    )
+    store = rendezvous(dist_url, launch["rank"], launch["world_size"], timeout_s)
+    # under the prefix init_process_group puts the store it makes itself: the keys it always had
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=dist.PrefixStore("default_pg", store),
+                            world_size=launch["world_size"], rank=launch["rank"])
     global _control_group
     # A CPU group for control messages (the stop flag every step) that never waits on the GPU.
     _control_group = dist.new_group(backend="gloo") if use_cuda else None
     return ProcessInfo(launch["rank"], launch["world_size"], launch["local_rank"], dev)
+
+
+def rendezvous(url: str, rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """Meet the other processes at `url` (what init_process_group does first), logging a warning
+    every WAIT_LOG_S seconds, or every quarter of `timeout_s` when that is shorter, while they have
+    not all joined; LaunchError after `timeout_s` seconds (torch rounds it up, by up to a second or
+    two). The returned store keeps that timeout for its later waits; the collectives keep torch's
+    default timeout (init_process_group's `timeout`, left unset)."""
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if url == "env://" else url
+    met = threading.Event()
+
+    def report_wait() -> None:
+        start = time.monotonic()
+        while not met.wait(min(WAIT_LOG_S, timeout_s / 4)):
+            waited = time.monotonic() - start
+            if waited < timeout_s:  # past it, torch is about to give up
+                log.warning("rank %d: still waiting after %.1f s for the %d processes to join at %s; giving up at "
+                            "%g s (--dist-timeout)", rank, waited, world_size, where, timeout_s)
+
+    reporter = threading.Thread(target=report_wait, name="rendezvous-wait", daemon=True)
+    reporter.start()
+    try:
+        store, _, _ = next(dist.rendezvous(url, rank, world_size, timeout=timedelta(seconds=timeout_s)))
+    except dist.DistError as err:  # TCPStore's timeouts (DistStoreError, DistNetworkError), a port in use
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LaunchError(f"rank {rank} of {world_size}: the processes did not all join at {where} "
+                          f"(--dist-timeout {timeout_s:g} s): {reason}") from None
+    finally:
+        met.set()
+        reporter.join()
+    return store
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -161,11 +200,16 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is true on any of them (a CPU all-reduce)."""
+    return bool(max_over_processes(int(flag)))
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of the processes' `value`s, on every process (a CPU all-reduce)."""
     if get_world_size() == 1:
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
-    return bool(value.item())
+        return value
+    shared = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=_control_group)
+    return int(shared.item())
 
 
 def from_main_process(value: int) -> int:

@@ -81,8 +81,9 @@ TRAINING_KEYS = ("train_dataloader", "encoder", "projection", "loss", "base_lear
 def validate(config: dict, world_size: int = 1, training: bool = True) -> ExperimentConfig:
     """Check the whole config; return it as an `ExperimentConfig`.
 
-    Besides the types: a training config must have every block training needs, and every
-    loader's batch (the global batch, as in the paper's configs) must divide by `world_size`.
+    Besides the types: a training config must have every block training needs; the schedule's
+    values must be in range (`check_schedule`); and every loader's batch (the global batch, as in
+    the paper's configs) must be positive and divide by `world_size`.
     """
     exp = check_dataclass(config, ExperimentConfig, "")
     if training:
@@ -91,14 +92,31 @@ def validate(config: dict, world_size: int = 1, training: bool = True) -> Experi
             raise ConfigError(f"{missing[0]}: required for training but missing from the config")
     elif exp.encoder is None:
         raise ConfigError("encoder: required to build the model but missing from the config")
+    check_schedule(exp)
     for path, block in loader_blocks(exp):
         batch = (block.get("args") or {}).get("batch_size")
+        if isinstance(batch, int) and batch < 1:
+            raise ConfigError(f"{path}.args.batch_size: {batch}; a batch holds at least one sample")
         if isinstance(batch, int) and batch % world_size != 0:
             raise ConfigError(
                 f"{path}.args.batch_size: {batch} (the global batch) does not divide "
                 f"by the {world_size} processes"
             )
     return exp
+
+
+def check_schedule(exp: ExperimentConfig) -> None:
+    """Values that type-check but make no schedule: fewer than one epoch (total steps <= 0), warm-up
+    epochs below 0, a learning rate of 0 or below. A warm-up longer than the run is allowed: a run
+    shortened by --epochs keeps its config's warm-up (the quickstart's `--epochs 1` has 2 warm-up
+    epochs), and `derive` logs it."""
+    if exp.trainer is not None and exp.trainer.epochs < 1:
+        raise ConfigError(f"trainer.epochs: {exp.trainer.epochs} (also set by --epochs); training needs at least 1 "
+                          f"epoch")
+    if not exp.warmup_epochs >= 0:
+        raise ConfigError(f"warmup_epochs: {exp.warmup_epochs:g}; warm-up lasts 0 epochs or more")
+    if exp.base_learning_rate is not None and not exp.base_learning_rate > 0:
+        raise ConfigError(f"base_learning_rate: {exp.base_learning_rate:g}; a learning rate must be positive")
 
 
 def loader_blocks(exp: ExperimentConfig) -> list[tuple[str, dict]]:
