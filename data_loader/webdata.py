@@ -98,8 +98,8 @@ class ShardStream(IterableDataset):
             (augment_on: gpu).
         batch_size: the per-process batch.
         training: stream the shards endlessly, skip undecodable images and the rest of a shard cut
-            short, yield full batches only; otherwise one pass, both are errors (a shard cut short
-            handed over as the last item, `handed_over`), the last batch of a worker may be short.
+            short, yield full batches only; otherwise one pass, both are errors (handed over as the
+            last item, `handed_over`), the last batch of a worker may be short.
         shuffle: shuffle buffer size in samples (0: no shuffling).
         seed_key: a string naming (seed, epoch, rank); the worker id is added to seed the buffer.
     """
@@ -172,13 +172,17 @@ def shard_samples(url: str) -> Iterator[dict]:
                          f"copy it again, or write its split again with --overwrite (README, Data preparation)")
 
 
-def handed_over(batches: Iterator[Batch]) -> Iterator[Batch | ShardError]:
-    """`batches`, then the ShardError that ended them, if one did, as the last item: the loader
-    raises it. A DataLoader worker's exception reaches the loader as a new one whose message is the
-    worker's whole traceback; handed over as an item, it stays the one-line message naming the shard."""
+HANDED_OVER = (ShardError, UndecodableImageError)  # what ends an evaluation pass
+
+
+def handed_over(batches: Iterator[Batch]) -> Iterator[Batch | Exception]:
+    """`batches`, then the error that ended them (HANDED_OVER), if one did, as the last item: the
+    loader raises it. A DataLoader worker's exception reaches the loader as a new one whose message
+    is the worker's whole traceback; handed over as an item, it stays the one-line message naming
+    the shard."""
     try:
         yield from batches
-    except ShardError as err:
+    except HANDED_OVER as err:
         yield err
 
 
@@ -327,7 +331,7 @@ class WebLoader:
         batches = loader_batches(stream, epoch_generator(seed + 1, self.epoch, rank), self.num_workers, in_process)
         if not self.training:
             for step, batch in enumerate(batches):
-                if isinstance(batch, ShardError):  # from `handed_over`
+                if isinstance(batch, HANDED_OVER):  # from `handed_over`
                     # end the workers now: left to the traceback, which holds this frame, they would end
                     # only when it is freed, and the DataLoader would then wait seconds on each
                     batches.close()
