@@ -13,6 +13,7 @@ import yaml
 
 from data_loader.base import LoaderRuntime
 from model.loss import check_batches
+from trainer.checkpoint import checkpoint_step
 from trainer.precision import make_precision
 from trainer.run_dir import RunDir, write_json
 from trainer.setup import (
@@ -62,13 +63,14 @@ def train(args, config, exp, checkpoint, proc) -> int:
         print_summary({**derived, "device": str(proc.device), "precision": precision.name, "seed": exp.seed})
         return 0
     check_run_data(evaluations, train_loader)
-    run = open_run_dir(args, config, exp, checkpoint) if proc.is_main else None
-    log.info("derived: %s", derived)
     schedule = Schedule(derived["learning_rate"], derived["total_steps"], derived["warmup_steps"])
     trainer = Trainer(net, loss_fn, optimizer, schedule, train_loader, evaluations, exp.trainer, precision, proc,
-                      run, config, data_seed)
+                      None, config, data_seed)
     if checkpoint is not None:
-        trainer.restore(checkpoint, args.resume)
+        trainer.restore(checkpoint, args.resume)  # checked whole before the run folder is touched
+    run, in_place = open_run_dir(args, config, exp, checkpoint) if proc.is_main else (None, False)
+    log.info("derived: %s", derived)
+    trainer.attach(run, in_place)
     if run is not None:
         results = track(trainer.fit, config["name"], config, run.path, neptune=args.neptune, seed=seed)
     else:
@@ -80,22 +82,54 @@ def train(args, config, exp, checkpoint, proc) -> int:
     return 0
 
 
-def open_run_dir(args, config: dict, exp, checkpoint) -> RunDir:
-    """A new run folder, or, when resuming one of ours, the checkpoint's own folder (its metrics
-    cut back to the checkpoint; a changed config saved beside the old one)."""
-    folder = Path(args.resume).parent if checkpoint is not None else None
-    if folder is not None and (folder / "metrics.jsonl").is_file():
-        run = RunDir(folder)
-        run.truncate_metrics(checkpoint["step"])
-        if read_yaml(folder / "config.yaml") != config:
-            stamp = datetime.now().strftime("%m%d_%H%M%S")
-            os.replace(folder / "config.yaml", folder / f"config.before_{stamp}.yaml")
-            run.write_config(config)
-    else:
-        run = RunDir.create(exp.save_dir, config["name"])
-        run.write_config(config)
+def open_run_dir(args, config: dict, exp, checkpoint) -> tuple[RunDir, bool]:
+    """The run folder and whether the run continues in place. A resume of the newest checkpoint of
+    one of our run folders continues there: the log is cut back to the checkpoint, what a killed
+    write left is removed, and a changed config is saved beside the old one. Any other resume, of
+    an older checkpoint among them, starts a new folder whose config.yaml names the checkpoint
+    (`resumed_from`), and the old folder stays as it was."""
+    resumed = Path(args.resume) if checkpoint is not None else None
+    if resumed is not None and is_run_folder(resumed.parent):
+        newer = newer_checkpoint(resumed, checkpoint["step"])
+        if newer is None:
+            return continue_in_place(resumed.parent, config, checkpoint), True
+        log.warning("%s is not its run's newest checkpoint (%s is): continuing in a new run folder, and %s "
+                    "stays as it is", resumed, newer.name, resumed.parent)
+    run = RunDir.create(exp.save_dir, config["name"])
+    run.write_config({**config, "resumed_from": str(resumed)} if resumed else config)
     log_to_file(run.log)
     log.info("run folder %s", run.path)
+    return run, False
+
+
+def is_run_folder(folder: Path) -> bool:
+    """One of this repository's run folders (its config.yaml holds the derived values), not a
+    folder of released weights."""
+    config = folder / "config.yaml"
+    return (folder / "metrics.jsonl").is_file() or (config.is_file() and "derived" in read_yaml(config))
+
+
+def newer_checkpoint(path: Path, step: int) -> Path | None:
+    """A checkpoint in `path`'s folder saved after more steps than `step`, or None."""
+    for other in sorted(path.parent.glob("*.pth")):
+        if other.resolve() != path.resolve() and checkpoint_step(other) > step:
+            return other
+    return None
+
+
+def continue_in_place(folder: Path, config: dict, checkpoint: dict) -> RunDir:
+    run = RunDir(folder)
+    run.remove_temporary_files()
+    run.truncate_metrics(checkpoint["step"], epoch_recorded=checkpoint.get("unrecorded") is None)
+    previous = read_yaml(folder / "config.yaml")
+    if "resumed_from" in previous:
+        config = {**config, "resumed_from": previous["resumed_from"]}
+    if previous != config:
+        stamp = datetime.now().strftime("%m%d_%H%M%S")
+        os.replace(folder / "config.yaml", folder / f"config.before_{stamp}.yaml")
+        run.write_config(config)
+    log_to_file(run.log)
+    log.info("run folder %s (continued)", run.path)
     return run
 
 

@@ -4,6 +4,7 @@ resume, a non-finite loss, and the quickstart's learning."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,31 +241,42 @@ def _step_losses(run) -> list[float]:
 def test_resume_continues_exactly(tmp_path, small_quickstart):
     """2 epochs in one go == 1 epoch, then --resume for the second (same weights, bit for bit),
     continued in the checkpoint's own run folder; the results (k-NN before training and after each
-    epoch) are those of the run in one go, not a second "initial" evaluation at the resume."""
+    epoch) are those of the run in one go, not a second "initial" evaluation at the resume. The
+    checkpoint copied alone into an empty folder with its config.yaml continues to the same."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     base = [a for a in small_quickstart if not str(a).startswith("save_dir=")] + [
         "evaluator.0.args.apply_evaluator_per_epoch=1"]
     assert run_train(*base, f"save_dir={straight}", "--epochs", "2", "--results-json", tmp_path / "straight.json") == 0
     assert run_train(*base, f"save_dir={split}", "--epochs", "1") == 0
     run = only_run_dir(split, "quickstart")
+    alone = tmp_path / "alone"  # the checkpoint and its config.yaml alone: no metrics.jsonl
+    alone.mkdir()
+    for name in ("latest_model.pth", "config.yaml"):
+        shutil.copy(run / name, alone / name)
     assert run_train("--resume", run / "latest_model.pth", "--epochs", "2", "--device", "cpu",
                      "--results-json", tmp_path / "split.json") == 0
     results = json.loads((tmp_path / "split.json").read_text())
     assert results == json.loads((tmp_path / "straight.json").read_text())
     assert results["initial"] and [e["epoch"] for e in results["epochs"]] == [0, 1]
     assert sum(1 for line in open(run / "metrics.jsonl") if '"initial"' in line) == 1
+    assert run_train("--resume", alone / "latest_model.pth", "--epochs", "2", "--device", "cpu") == 0
+    assert json.loads((alone / "results.json").read_text()) == results
+    _weights_equal(load_checkpoint(alone / "latest_model.pth"), load_checkpoint(run / "latest_model.pth"))
 
-    # stopped after saving epoch 0 but before evaluating and recording it (a signal in its last
-    # step): the resumed run evaluates and records epoch 0 first
+    # the checkpoint a run writes after epoch 0's training and before its evaluation (the run then
+    # stopped by a signal in that epoch's last step), made from the final one: the resumed run
+    # evaluates and records epoch 0 first, and its log has that record once
     unrecorded = tmp_path / "unrecorded"
     assert run_train(*base, f"save_dir={unrecorded}", "--epochs", "1") == 0
     cut = only_run_dir(unrecorded, "quickstart")
-    lines = (cut / "metrics.jsonl").read_text().splitlines()
-    (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if '"epoch": 0, "step": 5, ' not in line
-                                               or '"loss"' in line))
+    ckpt = load_checkpoint(cut / "latest_model.pth")
+    record = ckpt["results"]["epochs"].pop()
+    ckpt["unrecorded"] = {k: record[k] for k in ("epoch", "step", "train_loss", "lr")}
+    save_checkpoint(ckpt, cut / "latest_model.pth")
     assert run_train("--resume", cut / "latest_model.pth", "--epochs", "2", "--device", "cpu",
                      "--results-json", tmp_path / "unrecorded.json") == 0
     assert json.loads((tmp_path / "unrecorded.json").read_text()) == results
+    assert (cut / "metrics.jsonl").read_text().count('"knn@20_online"') == 3  # initial, epochs 0 and 1
     assert only_run_dir(split, "quickstart") == run  # no second folder
     a = load_checkpoint(only_run_dir(straight, "quickstart") / "latest_model.pth")
     b = load_checkpoint(run / "latest_model.pth")

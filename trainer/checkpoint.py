@@ -116,17 +116,10 @@ def strip_module_prefix(state_dict: dict[str, Any]) -> OrderedDict:
 
 
 def load_module_state(module: nn.Module, state_dict: dict[str, Any], what: str) -> None:
-    """Load strictly into `module` (unwrapped from DDP), listing missing and unexpected keys."""
-    module = unwrap(module)
-    result = module.load_state_dict(strip_module_prefix(state_dict), strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing keys {result.missing_keys[:10]}{' ...' if len(result.missing_keys) > 10 else ''}")
-    if result.unexpected_keys:
-        extra = result.unexpected_keys
-        problems.append(f"unexpected keys {extra[:10]}{' ...' if len(extra) > 10 else ''}")
-    if problems:
-        raise CheckpointError(f"{what} does not match the model: " + "; ".join(problems))
+    """Load strictly into `module` (unwrapped from DDP); a mismatch is a CheckpointError that lists
+    the missing and unexpected keys and the other shapes (`check_module_state`)."""
+    check_module_state(module, state_dict, what)
+    unwrap(module).load_state_dict(strip_module_prefix(state_dict))
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -153,3 +146,56 @@ def set_rng_state(state: dict) -> None:
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+
+
+def check_module_state(module: nn.Module, state_dict: dict[str, Any], what: str) -> None:
+    """CheckpointError, in one line, unless `state_dict` (with or without `module.`) has exactly
+    `module`'s keys with its shapes: what would fail inside `load_state_dict` is named here."""
+    expected = unwrap(module).state_dict()
+    given = strip_module_prefix(state_dict)
+    problems = []
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    shapes = [f"{k} {list(given[k].shape)} for {list(v.shape)}" for k, v in expected.items()
+              if k in given and isinstance(given[k], torch.Tensor) and given[k].shape != v.shape]
+    for label, keys in (("missing keys", missing), ("unexpected keys", extra)):
+        if keys:
+            problems.append(f"{label} {keys[:10]}{' ...' if len(keys) > 10 else ''}")
+    if shapes:
+        more = " ..." if len(shapes) > 5 else ""
+        problems.append(f"other shapes (checkpoint for model): {', '.join(shapes[:5])}{more}")
+    if problems:
+        raise CheckpointError(f"{what} does not match the model: " + "; ".join(problems))
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, saved_config: Any, config: dict,
+                          path: str) -> None:
+    """CheckpointError, in one line, unless the saved optimiser `state` fits `optimizer`: the same
+    optimiser type in both configs, the same parameter groups, and state tensors of the shapes of
+    the parameters they belong to (momentum buffers and the like)."""
+    saved_type = (saved_config or {}).get("optimizer", {}).get("type") if isinstance(saved_config, dict) else None
+    this_type = config.get("optimizer", {}).get("type")
+    if saved_type and this_type and saved_type != this_type:
+        raise CheckpointError(f"{path}: its optimiser state is {saved_type}'s, and this run's optimizer.type is "
+                              f"{this_type}; resume with the checkpoint's optimiser or start a new run")
+    groups = state.get("param_groups", [])
+    sizes, expected = [len(g["params"]) for g in groups], [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != expected:
+        raise CheckpointError(f"{path}: the optimiser state has parameter groups of {sizes} parameters, this "
+                              f"run's optimiser {expected}")
+    params = {i: p for g, mine in zip(groups, optimizer.param_groups) for i, p in zip(g["params"], mine["params"])}
+    wrong = [f"parameter {i}: {name} {tuple(v.shape)} (the parameter's: {tuple(params[i].shape)})"
+             for i, entry in state.get("state", {}).items() if i in params
+             for name, v in entry.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape != params[i].shape]
+    if wrong:
+        raise CheckpointError(f"{path}: the optimiser state does not match the model: {wrong[:5]}"
+                              f"{' ...' if len(wrong) > 5 else ''}")
+
+
+def checkpoint_step(path: Path) -> int:
+    """The `step` saved in `path`, read without loading the tensors (memory-mapped); -1 for a file
+    that does not read as one of our checkpoints."""
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["step"])
+    except Exception:  # cut short, legacy format (no mmap), not a checkpoint: not a newer one
+        return -1

@@ -1,16 +1,22 @@
 """The run folder (SPEC 7): `save_dir/models/<name>/<MMDD_HHMMSS>/` with `config.yaml`,
 `latest_model.pth`, `checkpoint-epoch{E}.pth`, `metrics.jsonl` (one JSON object per step and per
-epoch), `results.json` and `train.log`. Only the main process writes here."""
+epoch), `results.json` and `train.log`. Only the main process writes here.
+
+`metrics.jsonl` is a log: a resume takes everything it needs from the checkpoint, so a torn or
+garbled line (a full disk during an append) is skipped with a warning, never fatal."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger("groco")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -63,25 +69,46 @@ class RunDir:
     def log(self) -> Path:
         return self.path / "train.log"
 
-    def truncate_metrics(self, steps_done: int) -> None:
-        """Drop the records of steps after a checkpoint taken at `steps_done` steps (logged by a run
-        that died later), so that a resumed run's log has every step once."""
+    def truncate_metrics(self, steps_done: int, epoch_recorded: bool = True) -> None:
+        """Cut the log back to a checkpoint taken at `steps_done` steps: drop the records of later
+        steps (logged by a run that died later), and the record of the checkpoint's own epoch when
+        the checkpoint was saved before that epoch's evaluation (`epoch_recorded` false: the resumed
+        run evaluates and records it again). Unreadable lines go as well."""
         if not self.metrics.is_file():
             return
-        kept = [line for line in self.metrics.read_text().splitlines()
-                if line.strip() and _record_before(json.loads(line), steps_done)]
+        kept = [json.dumps(r) for r in self.read_metrics()
+                if _record_before(r, steps_done) and (epoch_recorded or "loss" in r or r["step"] < steps_done)]
         write_text_atomic(self.metrics, "".join(line + "\n" for line in kept))
 
     def read_metrics(self) -> list[dict]:
-        """The records of `metrics.jsonl` in order (none when it does not exist)."""
+        """The records of `metrics.jsonl` in order (none when it does not exist), without the lines
+        that are not a JSON object with a step, each skipped with a warning."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(self.metrics.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+            else:
+                log.warning("%s, line %d: not a metrics record, skipped: %.80s", self.metrics, number, line)
+        return records
 
     def append_metrics(self, records: list[dict]) -> None:
         with open(self.metrics, "a") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
+
+    def remove_temporary_files(self) -> None:
+        """Delete what a killed write left behind (`.NAME.tmp`, see `utils.files.atomic_write`)."""
+        for tmp in self.path.glob(".*.tmp"):
+            log.info("removing %s, left by an interrupted write", tmp)
+            tmp.unlink(missing_ok=True)
 
 
 def _record_before(record: dict, steps_done: int) -> bool:

@@ -10,6 +10,7 @@ last good checkpoint stays. After each epoch: checkpoint, then the evaluators th
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -24,7 +25,15 @@ from data_loader.base import batch_generator
 from data_loader.gpu_augment import BatchDecodeError, ImageFiles, file_tensors, gpu_views
 from data_loader.prefetch import Prefetcher
 from data_loader.transforms import PackedImages
-from trainer.checkpoint import load_module_state, rng_state, save_checkpoint, set_rng_state, unwrap
+from trainer.checkpoint import (
+    check_module_state,
+    check_optimizer_state,
+    load_module_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
 from trainer.precision import Precision
 from trainer.preemption import SIGUSR1, Preempted, StopSignal
 from trainer.run_dir import RunDir
@@ -91,6 +100,12 @@ class Trainer:
         self.start_epoch = 0
         self.start_step = 0  # batches of start_epoch already done (a run preempted mid-epoch)
         self.step = 0
+        # what a resume continues from, saved in every checkpoint: the results so far, the train
+        # metrics of an epoch saved before its evaluation (None once recorded), and the running
+        # loss sum of the epoch in progress
+        self.results: dict = {"initial": {}, "final": {}, "epochs": []}
+        self.unrecorded: Optional[dict] = None
+        self.epoch_totals = {"loss": 0.0, "steps": 0}
         self.stop = StopSignal()
         self.tracker = Tracker()
 
@@ -110,11 +125,20 @@ class Trainer:
             "scaler": self.precision.scaler.state_dict(),
             "rng": rng_state(),
             "data_seed": self.data_seed,
+            "results": copy.deepcopy(self.results),
+            "unrecorded": self.unrecorded,
+            "epoch_totals": dict(self.epoch_totals) if epoch_step else {"loss": 0.0, "steps": 0},
         }
 
     def restore(self, checkpoint: dict, path: str) -> None:
-        """Continue after the checkpoint's epoch with its step count (not step + 1: SPEC 7)."""
+        """Continue after the checkpoint's epoch with its step count (not step + 1: SPEC 7). Every
+        part is checked against this run's model and optimiser before any is loaded: a mismatch is a
+        CheckpointError naming the keys and shapes, with nothing changed. The checkpoint alone is
+        enough: the results so far and the state of an unfinished epoch come from it."""
         net = unwrap(self.model)
+        check_module_state(net.encoder, checkpoint["encoder"], f"{path}: encoder")
+        check_module_state(net.projection, checkpoint["projection"], f"{path}: projection")
+        check_optimizer_state(self.optimizer, checkpoint["optimizer"], checkpoint.get("config"), self.config, path)
         load_module_state(net.encoder, checkpoint["encoder"], f"{path}: encoder")
         load_module_state(net.projection, checkpoint["projection"], f"{path}: projection")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -125,8 +149,30 @@ class Trainer:
         self.start_epoch = checkpoint["epoch"] + 1
         self.start_step = checkpoint.get("epoch_step", 0)
         self.step = checkpoint.get("step", self.start_epoch * len(self.loader))
+        if "results" in checkpoint:
+            self.results = copy.deepcopy(checkpoint["results"])
+            self.unrecorded = checkpoint["unrecorded"]
+            self.epoch_totals = dict(checkpoint["epoch_totals"])
+        else:
+            log.info("%s holds no results (a released checkpoint or an older one): this run's results start "
+                     "after it", path)
         log.info("resumed from %s: epoch %d done%s, %d steps", path, checkpoint["epoch"],
                  f" and {self.start_step} batches of the next" if self.start_step else "", self.step)
+
+    def attach(self, run: Optional[RunDir], in_place: bool) -> None:
+        """Write to `run` from now on (None on the processes without the run folder). When the run
+        continues in its own folder, the periodic checkpoint of the epoch it resumes after is
+        written again if a kill cut it short: the state restored is the state that was saved."""
+        self.run = run
+        epoch = self.start_epoch - 1
+        if run is None or not in_place or self.start_step or epoch < 0 or not self._periodic(epoch):
+            return
+        if not run.checkpoint(epoch).is_file():
+            save_checkpoint(self.state_dict(epoch), run.checkpoint(epoch))
+            log.info("wrote %s again: it was missing", run.checkpoint(epoch))
+
+    def _periodic(self, epoch: int) -> bool:
+        return bool(self.settings.save_period) and (epoch + 1) % self.settings.save_period == 0
 
     def _save_preempted(self, epoch: int, epoch_step: int) -> None:
         """Every process, after agreeing to stop mid-epoch: rank 0 saves, all wait for it, all raise."""
@@ -157,83 +203,59 @@ class Trainer:
         state = self.state_dict(epoch)
         if self.settings.save_latest:
             save_checkpoint(state, self.run.checkpoint())
-        if self.settings.save_period and (epoch + 1) % self.settings.save_period == 0:
+        if self._periodic(epoch):
             save_checkpoint(state, self.run.checkpoint(epoch))
 
     # ------------------------------------------------------------------ loop
 
     def fit(self, tracker: Optional[Tracker] = None) -> dict:
-        """Train the remaining epochs, sending metrics to `tracker`. Raises `Preempted` after
-        saving when a stop signal came."""
+        """Train the remaining epochs, sending metrics to `tracker`; returns the results `{initial,
+        final, epochs}`. Raises `Preempted` after saving when a stop signal came."""
         self.tracker = tracker or Tracker()
         resumed = self.start_epoch > 0 or self.start_step > 0
-        results = self._logged_results() if resumed else {"initial": {}, "final": {}, "epochs": []}
         if self.settings.init_val and resumed:
-            log.info("init_val: resumed, so the metrics before training are the run's logged ones: %s",
-                     results["initial"] or "none in this run folder")
+            log.info("init_val: resumed, so the metrics before training are the checkpoint's: %s",
+                     self.results["initial"] or "none")
         elif self.settings.init_val:
-            results["initial"] = self.evaluate(-1)
-            self._record({"epoch": -1, "step": self.step, "initial": True, **results["initial"]})
+            self.results["initial"] = self.evaluate(-1)
+            self._record({"epoch": -1, "step": self.step, "initial": True, **self.results["initial"]})
         with self.stop:
-            if resumed and self.start_step == 0:
-                self._finish_unrecorded_epoch(results)
-            return self._fit_epochs(results)
+            if self.unrecorded is not None:  # saved before its evaluation, which a stop cut off
+                self._evaluate_and_record(self.start_epoch - 1)
+            for epoch in range(self.start_epoch, self.settings.epochs):
+                self._fit_epoch(epoch)
+        return self.results
 
-    def _logged_results(self) -> dict:
-        """`{initial, final, epochs}` of the epochs before a resume, read back from the run folder's
-        metrics (cut back to the checkpoint): evaluating again would file the resumed weights'
-        metrics as the initial ones. Empty on the other processes and in a new run folder."""
-        results: dict = {"initial": {}, "final": {}, "epochs": []}
-        for record in self.run.read_metrics() if self.run is not None else []:
-            metrics = {k: v for k, v in record.items() if k not in ("epoch", "step", "initial")}
-            if "loss" in record:  # a step
-                continue
-            if record.get("initial"):
-                results["initial"] = metrics
-            else:
-                results["epochs"].append(record)
-                results["final"] = metrics
-        return results
-
-    def _finish_unrecorded_epoch(self, results: dict) -> None:
-        """A run stopped by a signal during the last step of epoch e saved e's checkpoint and exited
-        before evaluating and recording e. Resumed in its own folder (where e's steps are logged but
-        not its record), it evaluates e now and writes e's record; elsewhere nothing happens."""
-        epoch = self.start_epoch - 1
-        recorded = any(r["epoch"] == epoch for r in results["epochs"])
-        logged = [] if recorded else self._logged_step_losses(epoch)
-        if not any_process(bool(logged)):  # a collective: the evaluators run on every process or none
-            return
-        train_metrics = {"train_loss": sum(logged) / len(logged), "lr": self.schedule(self.step - 1)} if logged else {}
-        self._add_epoch_record(results, {"epoch": epoch, "step": self.step, **train_metrics, **self.evaluate(epoch)})
-
-    def _add_epoch_record(self, results: dict, record: dict) -> None:
-        """Log and write an epoch's record; it is the results' last epoch and their final metrics."""
-        self._record(record)
-        results["epochs"].append(record)
-        results["final"] = {k: v for k, v in record.items() if k not in ("epoch", "step")}
-
-    def _logged_step_losses(self, epoch: int) -> list[float]:
-        """The losses of epoch `epoch`'s steps in the run folder's metrics, in order (none on the
-        other processes)."""
-        if self.run is None:
-            return []
-        return [r["loss"] for r in self.run.read_metrics() if "loss" in r and r["epoch"] == epoch]
-
-    def _fit_epochs(self, results: dict) -> dict:
-        for epoch in range(self.start_epoch, self.settings.epochs):
-            start = time.perf_counter()
-            train_metrics = self.train_epoch(epoch)
-            log.info("epoch %d trained: %s", epoch, epoch_summary(
-                time.perf_counter() - start, len(self.loader) * self.loader.global_batch_size, self.proc.device))
+    def _fit_epoch(self, epoch: int) -> None:
+        """Train, save, evaluate and record one epoch. The checkpoint is written before the
+        evaluation (a stop during it loses no training) and, when an evaluator ran, again after it."""
+        start = time.perf_counter()
+        train_metrics = self.train_epoch(epoch)
+        log.info("epoch %d trained: %s", epoch, epoch_summary(
+            time.perf_counter() - start, len(self.loader) * self.loader.global_batch_size, self.proc.device))
+        self.unrecorded = {"epoch": epoch, "step": self.step, **train_metrics}
+        due = self._due_evaluators(epoch)
+        if not due:
+            self._add_epoch_record(self.unrecorded)
+        self.save(epoch)
+        # after rank 0's save: a collective, so all wait for it; a finished run just ends
+        if self.stop.requested() and (due or epoch < self.settings.epochs - 1):
+            raise self._preempted()
+        if due:
+            self._evaluate_and_record(epoch)
             self.save(epoch)
-            if self.stop.requested():  # after rank 0's save: a collective, so all wait for it
-                raise self._preempted()
-            self._add_epoch_record(results, {"epoch": epoch, "step": self.step, **train_metrics,
-                                             **self.evaluate(epoch)})
             if epoch < self.settings.epochs - 1 and self.stop.requested():  # came during the evaluation
                 raise self._preempted()
-        return results
+
+    def _evaluate_and_record(self, epoch: int) -> None:
+        self._add_epoch_record({**self.unrecorded, **self.evaluate(epoch)})
+
+    def _add_epoch_record(self, record: dict) -> None:
+        """Log and write an epoch's record; it is the results' last epoch and their final metrics."""
+        self._record(record)
+        self.results["epochs"].append(record)
+        self.results["final"] = {k: v for k, v in record.items() if k not in ("epoch", "step")}
+        self.unrecorded = None
 
     def _record(self, record: dict) -> None:
         log.info("epoch %s: %s", record["epoch"], ", ".join(f"{k}={_fmt(v)}" for k, v in record.items()
@@ -250,7 +272,9 @@ class Trainer:
         bar = tqdm(total=steps * global_batch, initial=first * global_batch, unit="samples", unit_scale=True,
                    desc=f"epoch {epoch}", disable=not self.proc.is_main, dynamic_ncols=True)
         pending: list[tuple] = []
-        totals = self._logged_epoch_losses(epoch, first)
+        if not first:
+            self.epoch_totals = {"loss": 0.0, "steps": 0}
+        totals = self.epoch_totals
         window_start = time.perf_counter()
         with self._batches(epoch, first) as batches:
             for i, views in enumerate(batches, start=first):
@@ -272,15 +296,6 @@ class Trainer:
         if totals["steps"] == 0:
             raise RuntimeError(f"epoch {epoch}: the training loader yielded no batch")
         return {"train_loss": totals["loss"] / totals["steps"], "lr": self.schedule(self.step - 1)}
-
-    def _logged_epoch_losses(self, epoch: int, first: int) -> dict:
-        """`{loss, steps}`: the sum and number of the losses of epoch `epoch`'s first `first` steps,
-        read back from the run's metrics after a mid-epoch resume, so that the epoch's `train_loss`
-        averages all its steps as in a run that was never stopped (zero without them)."""
-        logged = self._logged_step_losses(epoch) if first else []
-        if len(logged) != first:  # not this run's log: the resumed steps alone
-            logged = []
-        return {"loss": sum(logged), "steps": len(logged)}
 
     def _batches(self, epoch: int, first: int) -> contextlib.AbstractContextManager:
         """The epoch's views, from batch `first` on. With `augment_on: gpu` the next batch is decoded
@@ -358,20 +373,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
+    def _when(self, epoch: int) -> Optional[int]:
+        """The epoch the evaluators are asked about: None (everything, as a stand-alone evaluation)
+        after the last one, so that the final results hold every evaluator whatever its period."""
+        return None if epoch == self.settings.epochs - 1 else epoch
+
+    def _due_evaluators(self, epoch: int) -> list[Evaluation]:
+        return [ev for ev in self.evaluations if ev.evaluator.due(self._when(epoch))]
+
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """Run the evaluators due after `epoch` (-1: before training) on the encoder."""
+        """Run the evaluators due after `epoch` (-1: before training; after the last epoch, all of
+        them) on the encoder."""
         encoder = unwrap(self.model).encoder
         metrics: dict[str, float] = {}
-        for ev in self.evaluations:
-            if not ev.evaluator.due(epoch):
-                continue
+        for ev in self._due_evaluators(epoch):
             log.info("%s after epoch %d: evaluating", type(ev.evaluator).__name__, epoch)
             start = time.perf_counter()
             for loader in (ev.train, ev.val):
                 loader.set_epoch(max(epoch, 0))
             # float32 features whatever the training precision, as the reference's evaluators and
             # eval.py: the online k-NN and the probe after the last epoch are the paper's numbers
-            metrics.update(ev.evaluator.evaluate(encoder, ev.train, ev.val, self.proc.device, None, epoch=epoch))
+            metrics.update(ev.evaluator.evaluate(encoder, ev.train, ev.val, self.proc.device, None,
+                                                 epoch=self._when(epoch)))
             log.info("%s after epoch %d took %.1f s", type(ev.evaluator).__name__, epoch,
                      time.perf_counter() - start)
         self.model.train()

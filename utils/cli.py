@@ -111,6 +111,7 @@ def resolve_config(args: argparse.Namespace, training: bool = True) -> tuple[dic
     else:
         raise ConfigError("give a config file (--config) or a checkpoint to resume (--resume)")
     config.pop("derived", None)  # recomputed for every run
+    config.pop("resumed_from", None)  # a record of the run folder it was read from (train.open_run_dir)
     overrides = list(args.overrides)
     if args.epochs is not None:
         overrides.append(f"trainer.epochs={args.epochs}")
