@@ -31,6 +31,7 @@ from trainer.setup import (
 from trainer.trainer import Schedule, Trainer
 from utils.cli import print_summary, run_entry
 from utils.config import ConfigError, read_yaml
+from utils.files import WriteError
 from utils.logging import log_to_file
 from utils.tracking import Tracker, track
 
@@ -71,14 +72,16 @@ def train(args, config, exp, checkpoint, proc) -> int:
     run, in_place = open_run_dir(args, config, exp, checkpoint) if proc.is_main else (None, False)
     log.info("derived: %s", derived)
     trainer.attach(run, in_place)
-    if run is not None:
+    if run is None:
+        trainer.fit(Tracker())
+        return 0
+    try:
         results = track(trainer.fit, config["name"], config, run.path, neptune=args.neptune, seed=seed)
-    else:
-        results = trainer.fit(Tracker())
-    if run is not None:
         write_json(run.results, results)
         if args.results_json:
             write_json(args.results_json, results)
+    except WriteError as err:  # a full disk: where to continue from, in the same line
+        raise WriteError(f"{err}; the last complete checkpoint: {run.last_checkpoint()}") from None
     return 0
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from utils.files import WriteError
 
 from .conftest import QUICKSTART, copy_run, only_run_dir, run_train
 
@@ -114,3 +115,34 @@ def test_final_results_hold_every_evaluator_whatever_its_period(tmp_path, small_
                      "--results-json", tmp_path / "results.json") == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert "knn@20_online" in results["final"] and results["epochs"][0]["epoch"] == 0
+
+
+needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a disk that is full)")
+
+
+@needs_dev_full
+def test_a_full_disk_leaves_the_checkpoint_as_it_was(tmp_path):
+    """A checkpoint write that hits a full disk (its temporary file is /dev/full, where every write
+    fails with ENOSPC) is one WriteError naming the file; the previous checkpoint stays."""
+    path = tmp_path / "latest_model.pth"
+    save_checkpoint({"epoch": 0, "encoder": {}, "step": 5}, path)
+    (tmp_path / ".latest_model.pth.tmp").symlink_to("/dev/full")
+    with pytest.raises(WriteError, match=f"^could not write {path}: No space left on device; .* MiB free there$"):
+        save_checkpoint({"epoch": 1, "encoder": {}, "step": 10}, path)
+    assert load_checkpoint(path)["step"] == 5 and not (tmp_path / ".latest_model.pth.tmp").exists()
+
+
+@needs_dev_full
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_naming_the_file_and_the_last_checkpoint(tmp_path, trained_run, capsys):
+    """The run's last write (results.json to a folder whose temporary file is /dev/full) fails: one
+    error line names the file and the checkpoint to continue from, and the exit status is 1."""
+    run = copy_run(trained_run, tmp_path)
+    target = tmp_path / "out" / "results.json"
+    target.parent.mkdir()
+    (target.parent / ".results.json.tmp").symlink_to("/dev/full")
+    assert run_train("--resume", run / "latest_model.pth", "--device", "cpu", "--epochs", "2",
+                     "--results-json", target) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"could not write {target}: No space left on device; " in errors[0]
+    assert errors[0].endswith(f"the last complete checkpoint: {run / 'latest_model.pth'}")

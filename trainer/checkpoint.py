@@ -15,6 +15,7 @@ DDP's `module.` prefix and is strict: missing or unexpected keys are an error th
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import random
 import re
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.files import atomic_write
+from utils.files import write_bytes_atomic
 
 REQUIRED_KEYS = ("epoch", "encoder")
 # Types `load_checkpoint` reads besides tensors and plain Python types: what a known release needs.
@@ -42,10 +43,12 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write `state` to `path` atomically (temporary file in the same folder, fsync, rename); the
-    temporary file is removed when the write fails or is interrupted."""
+    temporary file is removed when the write fails or is interrupted, and a file that cannot be
+    written (a full disk) is a WriteError naming `path`."""
     path = Path(path)
-    with atomic_write(path, path.with_name(f".{path.name}.tmp")) as f:
-        torch.save(state, f)
+    data = io.BytesIO()  # serialised first: a failed write is then the file's OSError (a full disk
+    torch.save(state, data)  # gives ENOSPC), where torch's own writer reports "unexpected pos"
+    write_bytes_atomic(path, data.getbuffer())
 
 
 def load_checkpoint(path: str | Path) -> dict:

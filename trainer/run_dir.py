@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from utils.files import write_bytes_atomic, write_error
+
 log = logging.getLogger("groco")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode())
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -100,9 +99,19 @@ class RunDir:
         return records
 
     def append_metrics(self, records: list[dict]) -> None:
-        with open(self.metrics, "a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        """Append `records`, one line each; WriteError when the file cannot take them (a torn last
+        line is then skipped by `read_metrics`)."""
+        try:
+            with open(self.metrics, "a") as f:
+                f.write("".join(json.dumps(record) + "\n" for record in records))
+        except OSError as err:
+            raise write_error(self.metrics, err) from None
+
+    def last_checkpoint(self) -> str:
+        """The newest checkpoint file here (complete: each is written whole, then renamed), or a
+        phrase saying there is none."""
+        saved = sorted(self.path.glob("*.pth"), key=lambda p: p.stat().st_mtime)
+        return str(saved[-1]) if saved else f"none yet in {self.path}"
 
     def remove_temporary_files(self) -> None:
         """Delete what a killed write left behind (`.NAME.tmp`, see `utils.files.atomic_write`)."""

@@ -20,6 +20,7 @@ from trainer.preemption import Preempted, requeue_under_slurm
 from trainer.trainer import NonFiniteLossError
 from utils.config import ConfigError, apply_overrides, deep_merge, load_config, read_yaml
 from utils.dist import DIST_TIMEOUT_S, WAIT_LOG_S, LaunchError, init_process, launch_env, max_over_processes, shutdown
+from utils.files import WriteError
 from utils.logging import setup_logging
 from utils.schema import validate
 from utils.tracking import check_neptune
@@ -188,6 +189,6 @@ def run_entry(description: str, job: Callable, argv: Optional[list[str]], traini
         signum = max_over_processes(err.signum)
         shutdown()
         return 128 + signum
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, WriteError) as err:
         log.error("%s", err)
         return 1

@@ -4,8 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+
+class WriteError(OSError):
+    """A file that could not be written (a full disk, say); the message names it in one line."""
+
+
+def write_error(path: Path, err: OSError) -> WriteError:
+    """`err`, raised while writing `path`, as a WriteError naming the file, the reason and the space
+    left on its disk."""
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    try:
+        free = f"; {shutil.disk_usage(Path(path).parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    return WriteError(f"could not write {path}: {reason}{free}")
 
 
 @contextlib.contextmanager
@@ -22,3 +38,13 @@ def atomic_write(path: Path, temporary: Path) -> Iterator[BinaryIO]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
+    """`data` to `path` through `atomic_write`; WriteError, naming `path`, when the file cannot
+    take it (a full disk)."""
+    try:
+        with atomic_write(path, path.with_name(f".{path.name}.tmp")) as f:
+            f.write(data)
+    except OSError as err:
+        raise write_error(path, err) from None
