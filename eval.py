@@ -19,15 +19,16 @@ import time
 import yaml
 
 from data_loader.base import LoaderRuntime
+from trainer.build import build_encoder, build_evaluations, check_run_data
 from trainer.checkpoint import load_module_state
+from trainer.cli import print_summary, run_entry
 from trainer.precision import make_precision
 from trainer.run_dir import RunDir, write_json
-from trainer.setup import build_encoder, build_evaluations, check_run_data, seed_everything
-from utils.cli import print_summary, run_entry
+from trainer.tracking import Tracker, track
 from utils.config import ConfigError
 from utils.logging import log_to_file
+from utils.rng import seed_everything
 from utils.schema import loader_blocks
-from utils.tracking import Tracker, track
 
 log = logging.getLogger("groco")
 

@@ -13,10 +13,7 @@ import yaml
 
 from data_loader.base import LoaderRuntime
 from model.loss import check_batches
-from trainer.checkpoint import checkpoint_step
-from trainer.precision import make_precision
-from trainer.run_dir import RunDir, write_json
-from trainer.setup import (
+from trainer.build import (
     build_evaluations,
     build_loader,
     build_loss,
@@ -24,16 +21,18 @@ from trainer.setup import (
     build_optimizer,
     check_run_data,
     derive,
-    resolve_seed,
-    seed_everything,
     steps_per_epoch,
 )
+from trainer.checkpoint import checkpoint_step
+from trainer.cli import print_summary, run_entry
+from trainer.precision import make_precision
+from trainer.run_dir import RunDir, write_json
+from trainer.tracking import Tracker, track
 from trainer.trainer import Schedule, Trainer
-from utils.cli import print_summary, run_entry
 from utils.config import ConfigError, read_yaml
 from utils.files import WriteError
 from utils.logging import log_to_file
-from utils.tracking import Tracker, track
+from utils.rng import resolve_seed, seed_everything
 
 log = logging.getLogger("groco")
 

@@ -3,7 +3,7 @@
     python -m bench.syncbn_compile --arch resnet50 --batch 32      # on a CUDA machine (one GPU is enough)
 
 Two processes (gloo, so that both can share one GPU) train the model of this repository under DDP
-with SyncBatchNorm, as `trainer/setup.py` builds it for several GPUs, once uncompiled and once
+with SyncBatchNorm, as `trainer/build.py` builds it for several GPUs, once uncompiled and once
 through torch.compile (default mode). Rank 0 prints the graphs torch.compile made, its graph breaks
 with their reasons, the largest difference of the compiled gradients from the uncompiled ones
 (relative to the largest gradient), and the milliseconds per step of both. PyTorch's tracker said in

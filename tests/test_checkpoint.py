@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.rng import rng_state, set_rng_state
 
 from .conftest import run_eval
 

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from data_loader.base import LoaderRuntime
+from trainer.build import build_loader, steps_per_epoch
 from trainer.checkpoint import load_checkpoint
-from trainer.setup import build_loader, steps_per_epoch
 from utils.config import ConfigError, load_config
 from utils.dist import free_port
 from utils.schema import validate

@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-import trainer.setup  # noqa: F401  (registers every config type)
+import trainer.build  # noqa: F401  (registers every config type)
 from utils.config import ConfigError, apply_overrides, load_config
 from utils.schema import validate
 

@@ -18,10 +18,11 @@ from torch import nn
 
 from data_loader.base import LoaderRuntime
 from model.loss import GroCo, NT_Xent, NT_XentAllCombinations
+from trainer.build import build_loader, build_loss, build_model
 from trainer.checkpoint import load_checkpoint, load_module_state
-from trainer.setup import build_loader, build_loss, build_model, resolve_seed
 from utils.config import load_config
 from utils.dist import LaunchError, ProcessInfo, free_port, init_process
+from utils.rng import resolve_seed
 from utils.schema import validate
 
 from .conftest import QUICKSTART, ROOT, SMALL_COMPILE, copy_run, only_run_dir

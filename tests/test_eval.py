@@ -27,12 +27,12 @@ from data_loader.folder import ImageFolderLoader
 from model.encoder import ResNetEncoder
 from model.projection import MLPProjection, SSLModel
 from pretrained import export_torchvision
+from trainer.build import build_encoder
 from trainer.checkpoint import load_module_state
+from trainer.cli import build_parser, resolve_config
 from trainer.features import check_labels, gather_in_order
 from trainer.knn import KNNEvaluator, knn_counts
 from trainer.linear_probe import LinearProbingEvaluator
-from trainer.setup import build_encoder
-from utils.cli import build_parser, resolve_config
 from utils.config import ConfigError
 from utils.dist import free_port
 from utils.schema import validate

@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 
-import utils.tracking as tracking
+import trainer.tracking as tracking
 from trainer.preemption import Preempted
+from trainer.tracking import Tracker, TrackingError, check_neptune, epoch_summary, track
 from utils.config import ConfigError, load_config
+from utils.files import WriteError
 from utils.logging import setup_logging
-from utils.tracking import Tracker, TrackingError, check_neptune, epoch_summary, track
 
 from .conftest import QUICKSTART, ROOT
 
@@ -138,7 +139,7 @@ def test_neptune_is_imported_only_when_asked(tmp_path):
     Neptune module."""
     script = f"""
 import sys
-from utils.tracking import TrackingError, track
+from trainer.tracking import TrackingError, track
 track(lambda tracker: None, "run", {{"seed": 1}}, {str(tmp_path)!r})
 try:
     track(lambda tracker: None, "run", {{}}, {str(tmp_path / "refused")!r}, neptune=True, environ={{}})

@@ -17,9 +17,9 @@ import yaml
 from PIL import Image
 
 from model.encoder import build_resnet
+from trainer.build import build_model
 from trainer.checkpoint import CheckpointError, load_checkpoint, load_module_state, save_checkpoint
 from trainer.preemption import StopSignal
-from trainer.setup import build_model
 from utils.config import load_config
 from utils.dist import ProcessInfo
 from utils.schema import validate

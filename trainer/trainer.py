@@ -29,18 +29,17 @@ from trainer.checkpoint import (
     check_module_state,
     check_optimizer_state,
     load_module_state,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
     unwrap,
 )
 from trainer.precision import Precision
 from trainer.preemption import SIGUSR1, Preempted, StopSignal
 from trainer.run_dir import RunDir
+from trainer.tracking import Tracker, epoch_summary
 from utils.dist import ProcessInfo, all_reduce_mean, any_process, barrier
 from utils.optim import cosine_with_warmup, set_learning_rate
+from utils.rng import rng_state, set_rng_state
 from utils.schema import CUDA_GRAPH_MODES, TrainerSettings
-from utils.tracking import Tracker, epoch_summary
 
 log = logging.getLogger("groco")
 

@@ -30,9 +30,9 @@ import humanize
 import psutil
 import torch
 
-from trainer.checkpoint import rng_state, set_rng_state
 from trainer.preemption import Preempted
 from utils.config import ConfigError
+from utils.rng import rng_state, set_rng_state
 
 with warnings.catch_warnings():
     # sacred 0.8.7 imports pkg_resources, which warns on import; nothing a user can act on

@@ -17,13 +17,13 @@ from typing import Callable, Optional
 
 from trainer.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
 from trainer.preemption import Preempted, requeue_under_slurm
+from trainer.tracking import check_neptune
 from trainer.trainer import NonFiniteLossError
 from utils.config import ConfigError, apply_overrides, deep_merge, load_config, read_yaml
 from utils.dist import DIST_TIMEOUT_S, WAIT_LOG_S, LaunchError, init_process, launch_env, max_over_processes, shutdown
 from utils.files import WriteError
 from utils.logging import setup_logging
 from utils.schema import validate
-from utils.tracking import check_neptune
 
 log = logging.getLogger("groco")
 

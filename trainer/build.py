@@ -4,10 +4,8 @@ values (per-process batch, scaled learning rate, steps) computed in one place.""
 from __future__ import annotations
 
 import logging
-import random
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -19,7 +17,7 @@ from data_loader.base import DataError, LoaderRuntime, check_data
 from model.projection import SSLModel
 from trainer.trainer import Evaluation
 from utils.config import ConfigError, build_block
-from utils.dist import ProcessInfo, from_main_process
+from utils.dist import ProcessInfo
 from utils.optim import LARC
 from utils.registry import DATALOADERS, ENCODERS, EVALUATORS, LOSSES, OPTIMIZERS, PROJECTIONS
 from utils.schema import ExperimentConfig, as_list, scaled_learning_rate
@@ -132,17 +130,3 @@ def steps_per_epoch(loader, dry_run: bool = False) -> Optional[int]:
                           f"{samples} training samples: an epoch would have no step")
     return len(loader)
 
-
-def resolve_seed(seed: Optional[int]) -> int:
-    """The config's seed, or (`seed: null`) one drawn by rank 0 and shared: the processes must agree
-    on it, as it orders the data (each process reads its part of one permutation per epoch)."""
-    if seed is not None:
-        return seed
-    return from_main_process(random.SystemRandom().randrange(2**31))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed the global generators (model initialisation); data randomness has its own seeds."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
