@@ -11,9 +11,8 @@ from model.loss import (
     NT_XentAllCombinations,
     NT_XentWithMoreNegatives,
     groco_loss,
-    selected_weights,
-    symmetric_products,
 )
+from model.loss.ops import selected_weights, symmetric_products
 from model.sorting import odd_even_wiring, relaxed_rank_mass, relaxed_sort, wiring
 
 
