@@ -14,7 +14,8 @@ Two modes, chosen by the config:
   of `shuffle` samples, and yields batches of exactly the per-process size. The loader stops after
   `dataset_size // batch_size` batches: the same number of steps on every process, none of which can
   run short. Undecodable images are skipped and counted in a warning; so is the unreadable rest of a
-  shard cut short (one warning naming the shard; the stream reads on from the next shard).
+  shard cut short (one warning naming the shard and the samples lost; the stream reads on from the next
+  shard).
 - Evaluation (otherwise). Every sample is read exactly once: process r takes a contiguous run of
   the shard list (the runs differ by at most one shard in length when the shards do not divide
   evenly; a process may then yield fewer batches), its workers split that run, and each worker
@@ -149,7 +150,8 @@ class ShardStream(IterableDataset):
 def shard_samples(url: str) -> Iterator[dict]:
     """The raw samples of one shard, in order. Where the tar file ends in the middle of a file (cut
     short) or is not a tar file, the complete samples before that point are yielded, then ShardError
-    is raised naming the shard and how many were read. (Python's tarfile takes a cut that falls on
+    is raised naming the shard, how many were read and, where `listed_samples` knows the shard's
+    size, how many were lost. (Python's tarfile takes a cut that falls on
     a boundary between files, or inside a file's 512-byte header, for the end of the archive: such
     a shard reads as a shorter one.)"""
     cuts: list[tarfile.TarError] = []
@@ -168,8 +170,23 @@ def shard_samples(url: str) -> Iterator[dict]:
         yield sample
     if cuts:
         reason = str(cuts[0].args[0]).split(" @ ")[0]  # webdataset appends " @ <the open file>"
-        raise ShardError(f"shard {url} is cut short or corrupt ({reason}): {read} samples read before the cut; "
-                         f"copy it again, or write its split again with --overwrite (README, Data preparation)")
+        listed = listed_samples(url)
+        count = (f"{read} of its {listed} samples read before the cut, {listed - read} lost" if listed is not None
+                 else f"{read} samples read before the cut (how many were lost is unknown: no metadata.json beside "
+                      f"its folder lists its size)")
+        raise ShardError(f"shard {url} is cut short or corrupt ({reason}): {count}; copy it again, or write its "
+                         f"split again with --overwrite (README, Data preparation)")
+
+
+def listed_samples(url: str) -> int | None:
+    """The samples that the shard writer put in the local shard `url`, as its `metadata.json` (in
+    the folder above the shard's) lists them; None where no such file lists the shard."""
+    shard = Path(url)
+    try:
+        listed = json.loads((shard.parent.parent / "metadata.json").read_text())["shard_samples"]
+        return int(listed[f"{shard.parent.name}/{shard.name}"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 HANDED_OVER = (ShardError, UndecodableImageError)  # what ends an evaluation pass
@@ -202,8 +219,7 @@ def endless_samples(urls: list[str], rng: random.Random) -> Iterator[dict]:
             except ShardError as err:
                 if url not in warned:
                     warned.add(url)
-                    get_logger().warning("%s. Training skips the rest of it (how many samples were lost is unknown: "
-                                         "a tar file has no index) and reads on from the next shard", err)
+                    get_logger().warning("%s. Training skips the rest of it and reads on from the next shard", err)
         if count == 0:
             raise DataError(f"the shards {urls} hold no readable samples")
         rng.shuffle(urls)

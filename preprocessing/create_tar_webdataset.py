@@ -16,7 +16,9 @@ Input, either of:
   refuse them (they need classes).
 
 Output: `OUT/train/imagenet-train-%06d.tar` (2,000 samples each), `OUT/val/imagenet-val-%06d.tar`
-(500 each) and `OUT/metadata.json` (`wnids`, `classes`, `wnid_to_idx`, `class_to_idx`). A sample is
+(500 each) and `OUT/metadata.json` (`wnids`, `classes`, `wnid_to_idx`, `class_to_idx`, and
+`shard_samples`: the samples of each shard, by `split/file name`, so that a reader can tell how many a
+shard cut short has lost). A sample is
 `KEY.image.jpg`, the image file's original bytes (not re-encoded, whatever their format), and
 `KEY.metadata.pyd`, a pickled `{'cls': int, 'wnid': str}`; KEY is the file name without its
 extension. The samples of a split are shuffled with `--seed` before writing. Each shard is written
@@ -214,24 +216,35 @@ def clear_split_folder(folder: Path, split: str, overwrite: bool) -> None:
         path.unlink()
 
 
-def write_split(records: list[Record], folder: Path, split: str, shard_size: int, overwrite: bool) -> int:
-    """Write `records` as `folder/imagenet-{split}-%06d.tar` of `shard_size` samples; return the count."""
+def write_split(records: list[Record], folder: Path, split: str, shard_size: int, overwrite: bool) -> dict[str, int]:
+    """Write `records` as `folder/imagenet-{split}-%06d.tar` of `shard_size` samples; return the
+    samples written to each shard, by `split/file name`."""
     folder.mkdir(parents=True, exist_ok=True)
     clear_split_folder(folder, split, overwrite)
-    written = 0
+    counts = {}
     with tqdm(total=len(records), desc=f"{split} shards", unit="img") as progress:
         for index, start in enumerate(range(0, len(records), shard_size)):
             path = folder / f"imagenet-{split}-{index:06d}.tar"
-            written += write_shard(records[start:start + shard_size], path, progress)
+            counts[f"{split}/{path.name}"] = write_shard(records[start:start + shard_size], path, progress)
+    written = sum(counts.values())
     if written != len(records):
         raise RuntimeError(f"{split}: wrote {written} samples but found {len(records)} images")
     n_shards = -(-written // shard_size)
     logger.info("%s: %d samples in %d shards, %s", split, written, n_shards,
                 f"{folder}/imagenet-{split}-{{000000..{n_shards - 1:06d}}}.tar")
-    return written
+    return counts
 
 
-def write_metadata(metadata: dict, path: Path) -> None:
+def write_metadata(metadata: dict, shard_samples: dict[str, int], path: Path) -> None:
+    """Write `metadata` and `shard_samples` to `path`, keeping the shard counts of the splits that
+    an earlier run wrote and this one did not (`--splits`)."""
+    written_splits = {name.split("/")[0] for name in shard_samples}
+    try:
+        earlier = json.loads(path.read_text()).get("shard_samples", {})
+    except (OSError, ValueError, AttributeError):
+        earlier = {}
+    kept = {name: n for name, n in earlier.items() if name.split("/")[0] not in written_splits}
+    metadata = {**metadata, "shard_samples": {**kept, **shard_samples}}
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     with open(partial, "w") as f:
         json.dump(metadata, f)
@@ -270,10 +283,12 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         raise FileNotFoundError(f"{args.input}: no images in the split(s) {empty}")
     if args.verify:
         verify_images([record for records in plans.values() for record in records])
-    counts = {}
+    counts, shard_samples = {}, {}
     for split, records in plans.items():
-        counts[split] = write_split(records, args.output / split, split, shard_sizes[split], args.overwrite)
-    write_metadata(source.metadata, args.output / "metadata.json")
+        written = write_split(records, args.output / split, split, shard_sizes[split], args.overwrite)
+        counts[split] = sum(written.values())
+        shard_samples.update(written)
+    write_metadata(source.metadata, shard_samples, args.output / "metadata.json")
     logger.info("wrote %s and %s", args.output / "metadata.json", counts)
     return counts
 

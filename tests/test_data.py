@@ -205,6 +205,8 @@ def test_shards_layout_and_metadata(data):
         "classes": ["n001", "n002", "n003"],
         "wnid_to_idx": {"n001": 0, "n002": 1, "n003": 2},
         "class_to_idx": {"n001": 0, "n002": 1, "n003": 2},
+        "shard_samples": {**{f"train/{name}": 4 for name in train},
+                          **{f"val/{name}": n for name, n in zip(val, [3, 3, 3, 3, 1])}},
     }
 
 
@@ -300,6 +302,10 @@ def test_writer_keeps_earlier_shards_unless_overwrite(data, tmp_path):
         run_script(data.raw, tmp_path, "--splits", "val")
     assert run_script(data.raw, tmp_path, "--splits", "val", "--val-shard-size", "100", "--overwrite") == {"val": 13}
     assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["imagenet-val-000000.tar"]
+    # the shard counts of metadata.json follow: the rewritten split's replaced, another split's kept
+    run_script(data.raw, tmp_path, "--splits", "train", "--train-shard-size", "24")
+    assert json.loads((tmp_path / "metadata.json").read_text())["shard_samples"] == {
+        "val/imagenet-val-000000.tar": 13, "train/imagenet-train-000000.tar": 24}
 
 
 def test_interrupted_writer_leaves_no_partial_shard(data, tmp_path):
