@@ -65,6 +65,23 @@ def test_failed_job_is_recorded_and_raised(tmp_path, capsys):
     assert files["metrics"]["train/loss"]["values"] == [1.0]
 
 
+def test_sacred_unable_to_write_its_first_records_is_one_line(tmp_path):
+    """Sacred writes its first records before the job starts (and only warns about later ones): one
+    that cannot be written (here its folder's name is taken by a file; a full disk alike) is a
+    WriteError naming the file. The job's own OSError stays what it was."""
+    (tmp_path / "sacred").write_text("not a folder")
+    with pytest.raises(WriteError, match=rf"^could not write {tmp_path}/sacred: File exists") as err:
+        track(lambda tracker: None, "run", {"seed": 1}, tmp_path)
+    assert "\n" not in str(err.value)
+
+    def job(tracker):
+        raise FileNotFoundError(2, "No such file or directory", "data.tar")
+
+    with pytest.raises(FileNotFoundError) as err:
+        track(job, "run", {"seed": 1}, tmp_path / "fine")
+    assert not isinstance(err.value, WriteError)
+
+
 def test_stop_on_request_is_recorded_interrupted_not_failed(tmp_path, capsys):
     """A run preempted by SIGTERM saved its checkpoint and is to be resumed: Sacred marks it
     INTERRUPTED with a warning, not FAILED with an error; the Preempted itself propagates."""

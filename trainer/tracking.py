@@ -32,6 +32,7 @@ import torch
 
 from trainer.preemption import Preempted
 from utils.config import ConfigError
+from utils.files import write_error
 from utils.rng import rng_state, set_rng_state
 
 with warnings.catch_warnings():
@@ -131,9 +132,10 @@ def track(job: Callable[[Tracker], T], name: str, config: dict, run_dir: str | P
     experiment.add_config(sacred_config)
     experiment.observers.append(FileStorageObserver(str(Path(run_dir) / "sacred")))
     neptune_run = _start_neptune(experiment, name, *credentials) if credentials else None
-    state = rng_state()
+    state, started = rng_state(), []
 
     def main(_run):
+        started.append(True)
         set_rng_state(state)
         try:
             return job(Tracker(_run))
@@ -145,6 +147,11 @@ def track(job: Callable[[Tracker], T], name: str, config: dict, run_dir: str | P
         return experiment.run(options={"--capture": "no"}).result
     except _Stopped as stop:
         raise stop.cause from None
+    except OSError as err:
+        if started:  # the job's own error
+            raise
+        # Sacred's first records (later ones it only warns about): a full disk is one line as elsewhere
+        raise write_error(Path(err.filename or Path(run_dir) / "sacred"), err) from None
     finally:
         if neptune_run is not None:
             neptune_run.stop()
