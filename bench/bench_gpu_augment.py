@@ -26,8 +26,9 @@ import torch
 
 from bench.bench_loader import synthetic_photo
 from bench.bench_loss import count_ops
-from data_loader.gpu_augment import GpuRecipe, decode_batch, gpu_views
-from data_loader.transforms import PackedImages, build_transform, decode_image, image_array
+from data_loader.decode import decode_batch, decode_image
+from data_loader.gpu_augment import GpuRecipe, gpu_views
+from data_loader.transforms import PackedImages, build_transform, image_array
 
 RECIPES = {"dino": 2, "dino_multicrop": 8}
 

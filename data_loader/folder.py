@@ -41,14 +41,10 @@ from data_loader.base import (
     per_process_batch,
     train_indices,
 )
+from data_loader.decode import UndecodableImageError, decode_image
 from data_loader.gpu_augment import DecodeOn, split_work
-from data_loader.transforms import (
-    Batch,
-    TransformType,
-    UndecodableImageError,
-    collate_for,
-    decode_image,
-)
+from data_loader.recipes import TransformType
+from data_loader.transforms import Batch, collate_for
 from utils.logging import get_logger
 from utils.registry import DATALOADERS
 

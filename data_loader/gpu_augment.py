@@ -1,10 +1,10 @@
 """The paper's augmentation recipes (SPEC 5) as batched tensor code, for `augment_on: gpu`.
 
 The PIL recipes of `data_loader.transforms` run per image on CPU workers, which cannot feed a GPU
-(about 700 samples/s on 16 cores). Here the JPEG bytes of a whole batch are decoded on the device
-(`decode_batch`, nvJPEG on CUDA), or by the workers with PIL when the loader says `decode_on: cpu`
-(`PackedImages`, copied over in one transfer), and every view is made for the whole batch at once
-by `GpuRecipe`:
+(about 700 samples/s on 16 cores). Here the views of the same recipe tables (`data_loader.recipes`)
+are made for a whole batch of decoded images at once by `GpuRecipe`; the images are decoded on the
+device (`data_loader.decode.decode_batch`), or by the workers with PIL when the loader says
+`decode_on: cpu` (`PackedImages`, copied over in one transfer). The steps:
 
 - random resized crop: torchvision's `RandomResizedCrop.get_params` per sample, vectorised (10
   attempts of an area fraction uniform in `scale` and a log-uniform aspect ratio, then the
@@ -31,183 +31,38 @@ so the views depend only on the generator's seed, not on the device.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 
-from data_loader.transforms import (
-    GLOBAL_SIZE,
-    LOCAL_SIZE,
-    MEAN,
-    N_LOCAL_VIEWS,
-    STD,
-    PackedFiles,
-    PackedImages,
-    UndecodableImageError,
-    build_transform,
-    decode_image,
-    image_array,
-)
+from data_loader.decode import NO_JPEG_DECODER, ImageFiles, decode_batch, decode_training_batch, jpeg_decoder, to_device
+from data_loader.recipes import MEAN, RATIO, RECIPES, STD, ViewSpec, recipe_views
+from data_loader.transforms import PackedImages, build_transform, image_array
 from utils.config import ConfigError
 
-GPU_RECIPES = ("linear_prob", "simclr", "dino", "dino_multicrop")
-RATIO = (3 / 4, 4 / 3)
+GPU_RECIPES = tuple(name for name, recipe in RECIPES.items() if all(isinstance(v, ViewSpec) for v in recipe.views))
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 BLUR_RADIUS = 6  # 3 sigma at the largest sigma (2): 13 taps
 MAX_CANVAS_ELEMENTS = 2**28  # pixel values of one padded group of decoded images (512 MiB in float16)
 WINDOW_FRACTION = 0.5  # crop_window: resize from a window of the canvas when it is at most this part
 ALIGN = 8  # canvas and window sides padded to a multiple of this: float16 products on tensor cores want it
-NO_JPEG_DECODER = ("augment_on: 'gpu' decodes with torchvision.io.decode_jpeg, which torchvision {} does not have; "
-                   "set decode_on: 'cpu' to decode in the loader workers")
-
-
-class BatchDecodeError(UndecodableImageError):
-    """Image `index` of a batch cannot be decoded."""
-
-    def __init__(self, index: int, message: str):
-        super().__init__(f"image {index} of the batch: cannot decode it ({message})")
-        self.index = index
-
-
-def jpeg_components(data: bytes | memoryview) -> int | None:
-    """The number of colour components in a JPEG's frame header (1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK),
-    or None when `data` is not a JPEG (a PNG under a .JPEG name, say) or has no frame header before
-    its scan. Reads only the marker segments, never the image data."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
-            return data[pos + 9] if pos + 9 < len(data) else None
-        if marker == 0xDA:  # start of scan without a frame
-            return None
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return None
-
-
-def _decode_on_cpu(data: bytes, index: int, device: torch.device | str) -> torch.Tensor:
-    """A file nvJPEG does not take (not a JPEG, CMYK, ...): PIL on the CPU, as the PIL recipes
-    decode it, then `[3, H, W]` uint8 on `device`."""
-    try:
-        image = decode_image(data, f"image {index} of the batch")
-    except UndecodableImageError as err:
-        raise BatchDecodeError(index, str(err.__cause__ or err)) from err
-    return to_device(pil_to_tensor(image), device)
-
-
-ImageFiles = Union[PackedFiles, Sequence[bytes], Sequence[torch.Tensor]]
-
-
-def file_tensors(files: ImageFiles) -> list[torch.Tensor]:
-    """A batch's image files as 1-D uint8 CPU tensors: packed files as views of their buffer,
-    `bytes` copied once (torch needs a writable buffer), tensors as they are."""
-    if isinstance(files, PackedFiles):
-        return files.unpack()
-    return [f if isinstance(f, torch.Tensor) else torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
-
-
-def jpeg_decoder() -> Callable | None:
-    """torchvision's `decode_jpeg` to RGB (batched, nvJPEG on CUDA): `(data, device=...)`; or None
-    where torchvision no longer has it (0.29 deprecated its decoders in favour of TorchCodec)."""
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
-        return None
-    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
-
-
-def decode_batch(files: ImageFiles, device: torch.device | str) -> list[torch.Tensor]:
-    """Decode a batch's image files on `device` (nvJPEG, batched, on CUDA): B files (packed, bytes or
-    uint8 tensors) -> B x uint8 `[3, H_i, W_i]`.
-
-    Grey and colour JPEGs are decoded there, 3 channels each. The rare others (ImageNet's training set
-    has 22 CMYK JPEGs and one PNG under a .JPEG name) are decoded by PIL on the CPU, as the PIL
-    recipes decode them, and copied over. Raises BatchDecodeError naming the index of the first file
-    that neither decodes (a truncated file, say).
-    """
-    decode_jpeg = jpeg_decoder()
-    if decode_jpeg is None:
-        raise RuntimeError(NO_JPEG_DECODER.format(torchvision.__version__))
-    tensors = file_tensors(files)
-    buffers = [memoryview(t.numpy()) for t in tensors]  # the headers are read without a copy
-    images: list[torch.Tensor | None] = [None] * len(tensors)
-    on_device = [i for i, b in enumerate(buffers) if jpeg_components(b) in (1, 3)]
-    data = [tensors[i] for i in on_device]
-    if data and torch.device(device).type == "cuda":
-        # nvJPEG writes its outputs from a stream of its own that does not wait for this one, into
-        # memory the caching allocator may have just taken back from tensors that kernels queued
-        # here still read (pytorch/vision#9606): let those kernels finish first. On the prefetching
-        # thread that is its own side stream, the previous batch's augmentation.
-        torch.cuda.current_stream(device).synchronize()
-    try:
-        decoded = decode_jpeg(data, device=device) if data else []
-    except RuntimeError:  # the batched call fails as a whole: one by one, to find the file
-        decoded = []
-        for i, one in zip(on_device, data):
-            try:
-                decoded.append(decode_jpeg(one, device=device))
-            except RuntimeError:
-                decoded.append(_decode_on_cpu(bytes(buffers[i]), i, device))
-    for i, image in zip(on_device, decoded):
-        images[i] = image
-    for i, image in enumerate(images):
-        if image is None:
-            images[i] = _decode_on_cpu(bytes(buffers[i]), i, device)
-    return images
 
 
 # ----------------------------------------------------------------------------- recipes
 
 
-@dataclasses.dataclass(frozen=True)
-class ViewSpec:
-    """One view of a recipe: the parameters of its steps (probability 0 turns a step off)."""
-
-    size: int
-    scale: tuple[float, float]
-    bicubic: bool
-    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.0
-    gray_p: float = 0.0
-    blur_p: float = 0.0
-    solarize_p: float = 0.0
-    flip_p: float = 0.5
-
-
 def view_specs(transform_type: str, n_augs: int) -> list[ViewSpec]:
-    """The views of recipe `transform_type` (SPEC 5), as `data_loader.transforms.build_transform`
-    makes them; ConfigError for a recipe without a GPU version or a view count it does not make."""
-    dino = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
-    dino1 = ViewSpec(GLOBAL_SIZE, (0.14, 1.0), True, blur_p=1.0, **dino)
-    dino2 = ViewSpec(GLOBAL_SIZE, (0.14, 1.0), True, blur_p=0.1, solarize_p=0.2, **dino)
-    local = ViewSpec(LOCAL_SIZE, (0.05, 0.14), True, blur_p=0.5, **dino)
-    simclr = ViewSpec(GLOBAL_SIZE, (0.08, 1.0), False, (0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
-    recipes = {
-        "linear_prob": ([ViewSpec(GLOBAL_SIZE, (0.08, 1.0), False)], (1,)),
-        "simclr": ([simclr] * max(n_augs, 1), None),
-        "dino": ([dino1, dino2, dino1, dino2][:n_augs], (2, 3, 4)),
-        "dino_multicrop": ([dino1, dino2] + [local] * N_LOCAL_VIEWS, (2 + N_LOCAL_VIEWS,)),
-    }
-    if transform_type not in recipes:
+    """The views of recipe `transform_type` (SPEC 5), the tables `data_loader.transforms.build_transform`
+    makes its PIL views from; ConfigError for a recipe without a GPU version or a view count it does
+    not make."""
+    if transform_type not in GPU_RECIPES:
         valid = ", ".join(GPU_RECIPES)
         raise ConfigError(f"transform_type: {transform_type!r} has no GPU version; GPU recipes: {valid}")
-    specs, allowed = recipes[transform_type]
-    if n_augs < 1 or (allowed is not None and n_augs not in allowed):
-        expected = "at least 1" if allowed is None else " or ".join(map(str, allowed))
-        raise ConfigError(f"n_augs: transform_type '{transform_type}' makes {expected} views, got n_augs={n_augs}")
-    return specs
+    return recipe_views(transform_type, n_augs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,14 +116,15 @@ def join_params(params: Sequence[ViewParams]) -> ViewParams:
 def sample_view(spec: ViewSpec, sizes: torch.Tensor, gen: torch.Generator) -> ViewParams:
     """Draw one view's parameters for images of sizes `[B, 2]` (H, W) from the CPU generator `gen`."""
     n = sizes.shape[0]
-    boxes = crop_boxes(sizes, spec.scale, gen)
+    boxes = crop_boxes(sizes, spec.scale, gen, spec.ratio)
     u = torch.rand(n, 5, generator=gen)
     b, c, s, h = spec.jitter
     lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
     hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
     factors = lo + (hi - lo) * torch.rand(n, 4, generator=gen)
     order = torch.rand(n, 4, generator=gen).argsort(1)
-    sigma = 0.1 + 1.9 * torch.rand(n, generator=gen)
+    sigma_lo, sigma_hi = spec.blur_sigma
+    sigma = sigma_lo + (sigma_hi - sigma_lo) * torch.rand(n, generator=gen)
     return ViewParams(boxes=boxes, flip=u[:, 0] < spec.flip_p, jitter=u[:, 1] < spec.jitter_p, factors=factors,
                       order=order, gray=u[:, 2] < spec.gray_p, blur=u[:, 3] < spec.blur_p, sigma=sigma,
                       solarize=u[:, 4] < spec.solarize_p)
@@ -482,13 +338,6 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return flat.view(n, c, height, width)
 
 
-def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A CPU tensor on `device` without waiting: through pinned memory, non-blocking, on CUDA."""
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
     """`x[mask] = fn(x[mask], *(a[mask] for a in args))` in place, for `mask` `[n]` bool on the CPU
     and `args` on the CPU (moved with the indices)."""
@@ -571,13 +420,16 @@ class GpuRecipe:
 
 
 def gpu_views(batch: ImageFiles | PackedImages, labels: torch.Tensor, recipe: GpuRecipe, device: torch.device | str,
-              generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+              generator: torch.Generator, where: str | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """A loader's batch -> the trainer's batch: B image files (decoded here) or B images decoded by
     the workers (`PackedImages`, copied in one transfer), and labels `[B]` -> (n_augs x float32
-    `[B, 3, S, S]` on `device`, labels int64 `[B]` on `device`). Raises BatchDecodeError (with
-    `.index`) for an undecodable file."""
+    `[B, 3, S, S]` on `device`, labels int64 `[B]` on `device`). An undecodable file raises
+    BatchDecodeError (with `.index`); with `where` (a training step, as the warning names it) it is
+    replaced by a copy of another file of the batch instead (`decode_training_batch`)."""
     if isinstance(batch, PackedImages):
         images = batch.to(device, non_blocking=True).unpack()
+    elif where is not None:
+        images = decode_training_batch(batch, device, where)
     else:
         images = decode_batch(batch, device)
     return recipe(images, generator), labels.to(device, non_blocking=True)

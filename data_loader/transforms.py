@@ -1,58 +1,27 @@
-"""Augmentation recipes of the paper (SPEC 5), image decoding, and batch collation.
+"""The PIL pipeline of the augmentation recipes (the views of `data_loader.recipes`, per image in the
+loader workers), and batch collation.
 
 `build_transform(transform_type, n_augs)` returns a callable that turns one PIL image into a list of
-`n_augs` normalised float tensors `[3, H, W]` (one per view, in view order). The recipes:
-
-- `val`: Resize(256), CenterCrop(224). `val_bicubic_inter`: the same with a bicubic resize.
-- `linear_prob`: RandomResizedCrop(224), horizontal flip.
-- `simclr`: the SimCLR recipe, the same for every view.
-- `dino`: DINO's two global views; 3 views are [1, 2, 1] and 4 views [1, 2, 1, 2].
-- `dino_multicrop`: the two DINO global views (224 px) and 6 local views (96 px).
-
-All randomness comes from torch's generator (torchvision's own transforms use it too), so a
-DataLoader worker seeded through the loader's `generator` augments deterministically.
+`n_augs` normalised float tensors `[3, H, W]` (one per view, in view order). All randomness comes
+from torch's generator (torchvision's own transforms use it too), so a DataLoader worker seeded
+through the loader's `generator` augments deterministically.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-from typing import Callable, Literal, Sequence, get_args
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
-from utils.config import ConfigError
+from data_loader.recipes import MEAN, STD, CentreCropSpec, View, recipe_views
 
-TransformType = Literal["val", "val_bicubic_inter", "linear_prob", "simclr", "dino", "dino_multicrop"]
-
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 BICUBIC = T.InterpolationMode.BICUBIC
-GLOBAL_SIZE, LOCAL_SIZE = 224, 96
-N_LOCAL_VIEWS = 6
 
 Batch = tuple[list[torch.Tensor], torch.Tensor]  # (n_augs x [b, 3, H, W] float, labels [b] int64)
-
-
-class UndecodableImageError(ValueError):
-    """An image file that PIL cannot read (truncated, corrupt, not an image)."""
-
-
-def decode_image(data: bytes, source: str) -> Image.Image:
-    """Decode image bytes (JPEG, PNG, ... whatever the name says) into an RGB PIL image.
-
-    CMYK, grayscale, palette and RGBA images are converted to RGB. Raises UndecodableImageError
-    naming `source` when the bytes are not a complete image.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decodes now: a truncated file fails here, not inside a transform
-            return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise UndecodableImageError(f"{source}: cannot decode the image ({err})") from err
 
 
 def collate_views(samples: Sequence[tuple[list[torch.Tensor], int]]) -> Batch:
@@ -191,40 +160,27 @@ def _finish(*steps: Callable) -> T.Compose:
     return T.Compose([*steps, T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-def _dino_colour(blur_p: float) -> list[Callable]:
-    """DINO's flip, colour jitter, grayscale and blur (the steps after the crop)."""
-    return [
-        T.RandomHorizontalFlip(p=0.5),
-        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        RandomGaussianBlur(p=blur_p),
-    ]
-
-
-def dino_views() -> tuple[T.Compose, T.Compose]:
-    """DINO's two global views: view 1 always blurred; view 2 blurred with p 0.1 and solarised with
-    p 0.2. Both `[3, 224, 224]`."""
-    crop = T.RandomResizedCrop(GLOBAL_SIZE, scale=(0.14, 1.0), interpolation=BICUBIC)
-    view1 = _finish(crop, *_dino_colour(blur_p=1.0))
-    view2 = _finish(crop, *_dino_colour(blur_p=0.1), RandomSolarize(p=0.2))
-    return view1, view2
-
-
-def dino_local_view() -> T.Compose:
-    """DINO's small view: a 96 px crop of 5-14% of the image, blurred with p 0.5. `[3, 96, 96]`."""
-    crop = T.RandomResizedCrop(LOCAL_SIZE, scale=(0.05, 0.14), interpolation=BICUBIC)
-    return _finish(crop, *_dino_colour(blur_p=0.5))
-
-
-def simclr_view() -> T.Compose:
-    """SimCLR's recipe (strong colour jitter, blur with p 0.5). `[3, 224, 224]`."""
-    return _finish(
-        T.RandomResizedCrop(GLOBAL_SIZE, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-        T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        RandomGaussianBlur(p=0.5),
-        T.RandomHorizontalFlip(),
-    )
+def pil_view(spec: View) -> T.Compose:
+    """The PIL steps of one view of a recipe table, in the recipe's order: PIL image -> `[3, H, W]`.
+    A step of probability 0 is left out (it would draw a random number)."""
+    interpolation = BICUBIC if spec.bicubic else T.InterpolationMode.BILINEAR
+    if isinstance(spec, CentreCropSpec):
+        return _finish(T.Resize(spec.resize, interpolation=interpolation), T.CenterCrop(spec.size))
+    steps = [T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, interpolation=interpolation)]
+    flip = T.RandomHorizontalFlip(p=spec.flip_p)
+    if spec.flip_p > 0 and not spec.flip_last:
+        steps.append(flip)
+    if spec.jitter_p > 0:
+        steps.append(T.RandomApply([T.ColorJitter(*spec.jitter)], p=spec.jitter_p))
+    if spec.gray_p > 0:
+        steps.append(T.RandomGrayscale(p=spec.gray_p))
+    if spec.blur_p > 0:
+        steps.append(RandomGaussianBlur(spec.blur_p, *spec.blur_sigma))
+    if spec.solarize_p > 0:
+        steps.append(RandomSolarize(spec.solarize_p))
+    if spec.flip_p > 0 and spec.flip_last:
+        steps.append(flip)
+    return _finish(*steps)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -243,35 +199,10 @@ class MultiView:
         return len(self.views)
 
 
-def _check_n_augs(transform_type: str, n_augs: int, allowed: Sequence[int] | None) -> None:
-    if n_augs < 1 or (allowed is not None and n_augs not in allowed):
-        expected = "at least 1" if allowed is None else " or ".join(map(str, allowed))
-        raise ConfigError(f"n_augs: transform_type '{transform_type}' makes {expected} views, got n_augs={n_augs}")
-
-
 def build_transform(transform_type: str, n_augs: int = 1) -> MultiView:
-    """The recipe `transform_type` for `n_augs` views: a callable PIL image -> n_augs x `[3, H, W]`.
-
-    Raises ConfigError for an unknown recipe or a view count the recipe does not make: `val`,
-    `val_bicubic_inter` and `linear_prob` make 1 view, `simclr` any number, `dino` 2 to 4,
-    `dino_multicrop` 8 (2 global + 6 local).
-    """
-    if transform_type in ("val", "val_bicubic_inter"):
-        _check_n_augs(transform_type, n_augs, (1,))
-        interpolation = BICUBIC if transform_type == "val_bicubic_inter" else T.InterpolationMode.BILINEAR
-        return MultiView([_finish(T.Resize(256, interpolation=interpolation), T.CenterCrop(GLOBAL_SIZE))])
-    if transform_type == "linear_prob":
-        _check_n_augs(transform_type, n_augs, (1,))
-        return MultiView([_finish(T.RandomResizedCrop(GLOBAL_SIZE), T.RandomHorizontalFlip())])
-    if transform_type == "simclr":
-        _check_n_augs(transform_type, n_augs, None)
-        return MultiView([simclr_view()] * n_augs)
-    if transform_type == "dino":
-        _check_n_augs(transform_type, n_augs, (2, 3, 4))
-        view1, view2 = dino_views()
-        return MultiView([view1, view2, view1, view2][:n_augs])
-    if transform_type == "dino_multicrop":
-        _check_n_augs(transform_type, n_augs, (2 + N_LOCAL_VIEWS,))
-        return MultiView([*dino_views(), *[dino_local_view()] * N_LOCAL_VIEWS])
-    valid = ", ".join(get_args(TransformType))
-    raise ConfigError(f"transform_type: unknown recipe {transform_type!r}; valid recipes: {valid}")
+    """The recipe `transform_type` for `n_augs` views (`data_loader.recipes.recipe_views`): a callable
+    PIL image -> n_augs x `[3, H, W]`, one PIL pipeline per distinct view. ConfigError for an unknown
+    recipe or a view count the recipe does not make."""
+    views = recipe_views(transform_type, n_augs)
+    built = {spec: pil_view(spec) for spec in dict.fromkeys(views)}
+    return MultiView([built[spec] for spec in views])

@@ -53,14 +53,10 @@ from data_loader.base import (
     loader_batches,
     per_process_batch,
 )
+from data_loader.decode import UndecodableImageError, decode_image
 from data_loader.gpu_augment import DecodeOn, split_work
-from data_loader.transforms import (
-    Batch,
-    TransformType,
-    UndecodableImageError,
-    collate_for,
-    decode_image,
-)
+from data_loader.recipes import TransformType
+from data_loader.transforms import Batch, collate_for
 from utils.config import ConfigError
 from utils.logging import get_logger
 from utils.registry import DATALOADERS

@@ -28,17 +28,15 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from data_loader.base import DataError, LoaderRuntime, batch_generator
+from data_loader.decode import UndecodableImageError, decode_image
 from data_loader.folder import UNLABELLED, ImageFolderLoader
+from data_loader.recipes import MEAN, STD
 from data_loader.transforms import (
-    MEAN,
-    STD,
     PackedFiles,
     PackedImages,
     RandomGaussianBlur,
     RandomSolarize,
-    UndecodableImageError,
     build_transform,
-    decode_image,
 )
 from data_loader.webdata import WebLoader, balanced_part
 from preprocessing import create_tar_webdataset as shards_script

@@ -13,8 +13,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms as T
 
+from data_loader import decode
 from data_loader import gpu_augment as ga
-from data_loader.transforms import MEAN, STD, PackedImages, decode_image, image_array
+from data_loader.decode import decode_image
+from data_loader.recipes import MEAN, STD
+from data_loader.transforms import PackedFiles, PackedImages, image_array
 from utils.config import ConfigError
 
 N = 20_000  # samples per statistic: a rate's standard deviation is at most 0.0035
@@ -292,7 +295,7 @@ def test_views_of_one_size_made_together_equal_views_made_alone():
 def test_decode_batch_equals_pil():
     images = [smooth_image(375, 500), smooth_image(333, 500, seed=1)]
     data = [jpeg_bytes(images[0]), jpeg_bytes(images[1], mode="L")]
-    decoded = ga.decode_batch(data, "cpu")
+    decoded = decode.decode_batch(data, "cpu")
     for tensor, raw in zip(decoded, data):
         ref = torch.from_numpy(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).copy()).permute(2, 0, 1)
         assert tensor.dtype == torch.uint8 and tensor.shape == ref.shape
@@ -310,8 +313,8 @@ def test_decode_batch_takes_cmyk_and_png_through_pil():
         buffer = io.BytesIO()
         pil.convert(mode).save(buffer, fmt, quality=95)
         files[name] = buffer.getvalue()
-    assert [ga.jpeg_components(f) for f in files.values()] == [3, 1, 4, None]
-    decoded = ga.decode_batch(list(files.values()), "cpu")
+    assert [decode.jpeg_components(f) for f in files.values()] == [3, 1, 4, None]
+    decoded = decode.decode_batch(list(files.values()), "cpu")
     for tensor, raw in zip(decoded, files.values()):
         ref = torch.from_numpy(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).copy()).permute(2, 0, 1)
         assert tensor.dtype == torch.uint8 and tensor.shape == (3, 120, 160)
@@ -323,22 +326,35 @@ def test_packed_files_round_trip_and_decode_like_bytes():
     """A worker packs a batch's files into one buffer (PackedFiles); unpacking gives views of it,
     and decode_batch takes packed files, bytes or tensors alike."""
     files = [jpeg_bytes(smooth_image(60, 80, seed=i)) for i in range(3)]
-    packed = ga.PackedFiles.pack(files)
+    packed = PackedFiles.pack(files)
     assert len(packed) == 3 and packed.data.numel() == sum(map(len, files))
     assert [bytes(t.numpy()) for t in packed.unpack()] == files == [bytes(packed[i].numpy()) for i in range(3)]
     assert all(t.untyped_storage().data_ptr() == packed.data.untyped_storage().data_ptr() for t in packed.unpack())
-    assert [bytes(t.numpy()) for t in ga.PackedFiles.pack([b"ab", b"", b"c"]).unpack()] == [b"ab", b"", b"c"]
-    as_bytes = ga.decode_batch(files, "cpu")
-    for other in (ga.decode_batch(packed, "cpu"), ga.decode_batch(packed.unpack(), "cpu")):
+    assert [bytes(t.numpy()) for t in PackedFiles.pack([b"ab", b"", b"c"]).unpack()] == [b"ab", b"", b"c"]
+    as_bytes = decode.decode_batch(files, "cpu")
+    for other in (decode.decode_batch(packed, "cpu"), decode.decode_batch(packed.unpack(), "cpu")):
         assert all(torch.equal(a, b) for a, b in zip(as_bytes, other))
 
 
 def test_decode_batch_names_the_corrupt_image():
     good = jpeg_bytes(smooth_image(64, 64))
-    for files in ([good, good, good[: len(good) // 3], good], ga.PackedFiles.pack([good, good, b"not an image", good])):
-        with pytest.raises(ga.BatchDecodeError, match="image 2 of the batch") as err:
-            ga.decode_batch(files, "cpu")
+    for files in ([good, good, good[: len(good) // 3], good], PackedFiles.pack([good, good, b"not an image", good])):
+        with pytest.raises(decode.BatchDecodeError, match="image 2 of the batch") as err:
+            decode.decode_batch(files, "cpu")
         assert err.value.index == 2
+
+
+def test_a_training_batch_replaces_undecodable_files_with_decodable_ones(caplog):
+    """Two undecodable files side by side take copies of the next good file (not of each other), one
+    warning each; a batch with no decodable file is an error."""
+    a, b = (jpeg_bytes(smooth_image(32, 48, seed=i)) for i in range(2))
+    decoded = decode.decode_training_batch([a, b"not an image", a[: len(a) // 3], b], "cpu", "epoch 0, step 3")
+    expected = decode.decode_batch([a, b, b, b], "cpu")
+    assert len(decoded) == 4 and all(torch.equal(x, y) for x, y in zip(decoded, expected))
+    warnings = [r.getMessage() for r in caplog.records if "takes its place" in r.getMessage()]
+    assert len(warnings) == 2 and all(w.startswith("epoch 0, step 3: image ") for w in warnings)
+    with pytest.raises(RuntimeError, match="epoch 0, step 3: no image of the batch could be decoded"):
+        decode.decode_training_batch([b"junk", a[:50]], "cpu", "epoch 0, step 3")
 
 
 def test_gpu_views_makes_a_training_batch():
@@ -374,13 +390,13 @@ def test_a_torchvision_without_jpeg_decoding_asks_for_decode_on_cpu(monkeypatch)
     recipe that would decode on the device is a config error that says what to set instead."""
     import torchvision.io
 
-    assert ga.jpeg_decoder() is not None  # this torchvision has one
+    assert decode.jpeg_decoder() is not None  # this torchvision has one
     monkeypatch.delattr(torchvision.io, "decode_jpeg")
-    assert ga.jpeg_decoder() is None
+    assert decode.jpeg_decoder() is None
     with pytest.raises(ConfigError, match="set decode_on: 'cpu'"):
         ga.split_work("gpu", None, "dino", 2, training=True)
     with pytest.raises(RuntimeError, match="set decode_on: 'cpu'"):
-        ga.decode_batch([jpeg_bytes(smooth_image(8, 8))], "cpu")
+        decode.decode_batch([jpeg_bytes(smooth_image(8, 8))], "cpu")
     recipe, transform = ga.split_work("gpu", "cpu", "dino", 2, training=True)
     assert isinstance(recipe, ga.GpuRecipe) and transform is image_array
 
@@ -412,7 +428,7 @@ def test_cuda_views_equal_cpu_views():
     """The same decoded pixels (nvJPEG's; PIL's differ by a grey level or so) give the same views on
     the GPU as on the CPU, within the float16 resize."""
     images = [smooth_image(375, 500, seed=i) for i in range(4)]
-    decoded = ga.decode_batch([jpeg_bytes(im) for im in images], "cuda")
+    decoded = decode.decode_batch([jpeg_bytes(im) for im in images], "cuda")
     recipe = ga.GpuRecipe("dino_multicrop", 8)
     cpu = recipe([im.cpu() for im in decoded], torch.Generator().manual_seed(0))
     cuda = recipe(decoded, torch.Generator().manual_seed(0))
@@ -429,7 +445,7 @@ def test_cuda_decode_of_a_mixed_batch():
         buffer = io.BytesIO()
         pil.convert(mode).save(buffer, fmt, quality=95)
         files.append(buffer.getvalue())
-    for cpu, cuda in zip(ga.decode_batch(files, "cpu"), ga.decode_batch(files, "cuda")):
+    for cpu, cuda in zip(decode.decode_batch(files, "cpu"), decode.decode_batch(files, "cuda")):
         assert cuda.is_cuda and cuda.shape == cpu.shape and (cuda.cpu().float() - cpu.float()).abs().mean() < 2
 
 

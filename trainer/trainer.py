@@ -22,7 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from data_loader.base import batch_generator
-from data_loader.gpu_augment import BatchDecodeError, ImageFiles, file_tensors, gpu_views
+from data_loader.decode import ImageFiles
+from data_loader.gpu_augment import gpu_views
 from data_loader.prefetch import Prefetcher
 from data_loader.transforms import PackedImages
 from trainer.checkpoint import (
@@ -328,19 +329,9 @@ class Trainer:
         cpu`) and augment them on the device, with randomness that depends only on (seed, epoch,
         step, rank). An undecodable file is replaced by a copy of another file of the batch, so
         that every process keeps its batch size."""
-        recipe, device = self.loader.gpu_recipe, self.proc.device
-        seed = (self.data_seed + 2, epoch, step, self.proc.rank)
-        if isinstance(batch, PackedImages):  # decoded already
-            return gpu_views(batch, labels, recipe, device, batch_generator(*seed))[0]
-        files = file_tensors(batch)
-        for _ in range(len(files)):
-            try:
-                return gpu_views(files, labels, recipe, device, batch_generator(*seed))[0]
-            except BatchDecodeError as err:
-                log.warning("epoch %d, step %d: %s; a copy of another image of the batch takes its place",
-                            epoch, step, err)
-                files[err.index] = files[(err.index + 1) % len(files)]
-        raise RuntimeError(f"epoch {epoch}, step {step}: no image of the batch could be decoded")
+        generator = batch_generator(self.data_seed + 2, epoch, step, self.proc.rank)
+        return gpu_views(batch, labels, self.loader.gpu_recipe, self.proc.device, generator,
+                         where=f"epoch {epoch}, step {step}")[0]
 
     def _flush(self, pending: list[tuple], epoch: int, rate: float, totals: dict, bar: tqdm) -> None:
         """Average the pending steps' metrics over the processes, read them back in one transfer,
