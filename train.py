@@ -3,6 +3,7 @@ the config, set up the process, build the parts, run. See README.md for the comm
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -28,10 +29,11 @@ from trainer.cli import print_summary, run_entry
 from trainer.precision import make_precision
 from trainer.run_dir import RunDir, write_json
 from trainer.tracking import Tracker, track
-from trainer.trainer import Schedule, Trainer
+from trainer.trainer import Trainer
 from utils.config import ConfigError, read_yaml
 from utils.files import WriteError
 from utils.logging import log_to_file
+from utils.optim import cosine_with_warmup
 from utils.rng import resolve_seed, seed_everything
 
 log = logging.getLogger("groco")
@@ -63,7 +65,8 @@ def train(args, config, exp, checkpoint, proc) -> int:
         print_summary({**derived, "device": str(proc.device), "precision": precision.name, "seed": exp.seed})
         return 0
     check_run_data(evaluations, train_loader)
-    schedule = Schedule(derived["learning_rate"], derived["total_steps"], derived["warmup_steps"])
+    schedule = functools.partial(cosine_with_warmup, peak_lr=derived["learning_rate"],
+                                 total_steps=derived["total_steps"], warmup_steps=derived["warmup_steps"])
     trainer = Trainer(net, loss_fn, optimizer, schedule, train_loader, evaluations, exp.trainer, precision, proc,
                       None, config, data_seed)
     if checkpoint is not None:

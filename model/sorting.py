@@ -85,31 +85,11 @@ def _layers(scores: torch.Tensor, steepness: float):
         yield partner[layer], weight, x
 
 
-def relaxed_sort(scores: torch.Tensor, steepness: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Relaxed ascending sort.
-
-    Args:
-        scores: `[B, n]` values to sort.
-        steepness: inverse temperature s of the Cauchy relaxation.
-
-    Returns:
-        sorted: `[B, n]` relaxed sorted values (ascending).
-        perm: `[B, n, n]`, `perm[b, i, j]` the relaxed probability that input i ends at rank j.
-    """
-    batch, n = scores.shape
-    values = scores
-    perm = torch.eye(n, dtype=scores.dtype, device=scores.device).expand(batch, n, n)
-    for partner, weight, out in _layers(scores, steepness):
-        # every input row's probabilities move between the compared ranks like the values do
-        perm = torch.addcmul(perm, weight.unsqueeze(1), swap_wires(perm, partner) - perm)
-        values = out
-    return values, perm
-
-
 def relaxed_rank_mass(scores: torch.Tensor, split: int, steepness: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """For each input, the relaxed probability of ending below / at or above rank `split`:
-    `perm[:, :, :split].sum(2)` and `perm[:, :, split:].sum(2)` of `relaxed_sort`, without the
-    `[B, n, n]` matrix.
+    `perm[:, :, :split].sum(2)` and `perm[:, :, split:].sum(2)` of the network's relaxed permutation
+    matrix (`perm[b, i, j]` the probability that input i ends at rank j), without the `[B, n, n]`
+    matrix.
 
     Every layer mixes the permutation matrix's columns pairwise with a symmetric matrix M_l, so
     perm = M_1 ... M_L and perm @ m = M_1 (... (M_L m)): the column sums are two vectors pushed

@@ -238,6 +238,8 @@ def write_split(records: list[Record], folder: Path, split: str, shard_size: int
 def write_metadata(metadata: dict, shard_samples: dict[str, int], path: Path) -> None:
     """Write `metadata` and `shard_samples` to `path`, keeping the shard counts of the splits that
     an earlier run wrote and this one did not (`--splits`)."""
+    from utils.files import atomic_write
+
     written_splits = {name.split("/")[0] for name in shard_samples}
     try:
         earlier = json.loads(path.read_text()).get("shard_samples", {})
@@ -245,10 +247,8 @@ def write_metadata(metadata: dict, shard_samples: dict[str, int], path: Path) ->
         earlier = {}
     kept = {name: n for name, n in earlier.items() if name.split("/")[0] not in written_splits}
     metadata = {**metadata, "shard_samples": {**kept, **shard_samples}}
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(partial, "w") as f:
-        json.dump(metadata, f)
-    os.replace(partial, path)
+    with atomic_write(path, path.with_name(path.name + PARTIAL_SUFFIX)) as f:
+        f.write(json.dumps(metadata).encode())
 
 
 # ----------------------------------------------------------------------------- command line

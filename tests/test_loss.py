@@ -13,7 +13,29 @@ from model.loss import (
     groco_loss,
 )
 from model.loss.ops import selected_weights, symmetric_products
-from model.sorting import odd_even_wiring, relaxed_rank_mass, relaxed_sort, wiring
+from model.sorting import _layers, odd_even_wiring, relaxed_rank_mass, swap_wires, wiring
+
+
+def relaxed_sort(scores: torch.Tensor, steepness: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relaxed ascending sort through `model.sorting`'s network, with the whole permutation matrix
+    (the reference `relaxed_rank_mass` is checked against).
+
+    Args:
+        scores: `[B, n]` values to sort.
+        steepness: inverse temperature s of the Cauchy relaxation.
+
+    Returns:
+        sorted: `[B, n]` relaxed sorted values (ascending).
+        perm: `[B, n, n]`, `perm[b, i, j]` the relaxed probability that input i ends at rank j.
+    """
+    batch, n = scores.shape
+    values = scores
+    perm = torch.eye(n, dtype=scores.dtype, device=scores.device).expand(batch, n, n)
+    for partner, weight, out in _layers(scores, steepness):
+        # every input row's probabilities move between the compared ranks like the values do
+        perm = torch.addcmul(perm, weight.unsqueeze(1), swap_wires(perm, partner) - perm)
+        values = out
+    return values, perm
 
 
 def spec_groco(z, n_pos, k, s, stop_grad):

@@ -15,13 +15,9 @@ from typing import Any
 
 import yaml
 
-from utils.files import write_bytes_atomic, write_error
+from utils.files import write_error, write_text_atomic
 
 log = logging.getLogger("groco")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -114,7 +110,7 @@ class RunDir:
         return str(saved[-1]) if saved else f"none yet in {self.path}"
 
     def remove_temporary_files(self) -> None:
-        """Delete what a killed write left behind (`.NAME.tmp`, see `utils.files.atomic_write`)."""
+        """Delete what a killed write left behind (`.NAME.tmp`, see `utils.files.write_bytes_atomic`)."""
         for tmp in self.path.glob(".*.tmp"):
             log.info("removing %s, left by an interrupted write", tmp)
             tmp.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from trainer.preemption import SIGUSR1, Preempted, StopSignal
 from trainer.run_dir import RunDir
 from trainer.tracking import Tracker, epoch_summary
 from utils.dist import ProcessInfo, all_reduce_mean, any_process, barrier
-from utils.optim import cosine_with_warmup, set_learning_rate
+from utils.optim import set_learning_rate
 from utils.rng import rng_state, set_rng_state
 from utils.schema import CUDA_GRAPH_MODES, TrainerSettings
 
@@ -47,18 +47,6 @@ log = logging.getLogger("groco")
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """The per-iteration learning rate: warm-up then cosine, a pure function of the global step."""
-
-    peak_lr: float
-    total_steps: int
-    warmup_steps: int
-
-    def __call__(self, step: int) -> float:
-        return cosine_with_warmup(step, self.peak_lr, self.total_steps, self.warmup_steps)
 
 
 @dataclasses.dataclass
@@ -71,9 +59,10 @@ class Evaluation:
 
 
 class Trainer:
-    """Runs the epochs of one training; `fit()` returns the metrics `{initial, final, epochs}`."""
+    """Runs the epochs of one training; `fit()` returns the metrics `{initial, final, epochs}`.
+    `schedule` maps the global step to its learning rate (`utils.optim.cosine_with_warmup`)."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer, schedule: Schedule, train_loader,
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer, schedule: Callable[[int], float], train_loader,
                  evaluations: list[Evaluation], settings: TrainerSettings, precision: Precision,
                  proc: ProcessInfo, run: Optional[RunDir], config: dict, data_seed: int):
         self.model = model

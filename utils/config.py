@@ -115,7 +115,7 @@ def set_by_path(tree: dict, keys: list[str], value: Any) -> None:
     """Set `tree[k0][k1]...[kn] = value`; integer keys index lists."""
     node: Any = tree
     for depth, key in enumerate(keys[:-1]):
-        node = _child(node, key, keys[: depth + 1], create=True)
+        node = _child(node, key, keys[: depth + 1])
     last = keys[-1]
     if isinstance(node, list):
         node[_list_index(node, last, keys)] = value
@@ -125,25 +125,13 @@ def set_by_path(tree: dict, keys: list[str], value: Any) -> None:
         raise ConfigError(f"{'.'.join(keys[:-1])}: cannot set '{last}' inside a {type(node).__name__}")
 
 
-def get_by_path(tree: dict, dotted: str) -> Any:
-    """Return the value at `dotted` (`trainer.epochs`); KeyError names the path when absent."""
-    node: Any = tree
-    keys = dotted.split(".")
-    for depth, key in enumerate(keys):
-        node = _child(node, key, keys[: depth + 1], create=False)
-    return node
-
-
-def _child(node: Any, key: str, path: list[str], create: bool) -> Any:
+def _child(node: Any, key: str, path: list[str]) -> Any:
+    """`node[key]`, made an empty mapping when absent or null."""
     if isinstance(node, list):
         return node[_list_index(node, key, path)]
     if not isinstance(node, dict):
         raise ConfigError(f"{'.'.join(path[:-1])} is a {type(node).__name__}, not a mapping")
-    if key not in node:
-        if not create:
-            raise KeyError(".".join(path))
-        node[key] = {}
-    elif node[key] is None and create:
+    if node.get(key) is None:
         node[key] = {}
     return node[key]
 

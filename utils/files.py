@@ -41,10 +41,16 @@ def atomic_write(path: Path, temporary: Path) -> Iterator[BinaryIO]:
 
 
 def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
-    """`data` to `path` through `atomic_write`; WriteError, naming `path`, when the file cannot
-    take it (a full disk)."""
+    """`data` to `path` through `atomic_write`, with the temporary file `.NAME.tmp` beside it;
+    WriteError, naming `path`, when the file cannot take it (a full disk)."""
     try:
         with atomic_write(path, path.with_name(f".{path.name}.tmp")) as f:
             f.write(data)
     except OSError as err:
         raise write_error(path, err) from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text`, UTF-8 encoded, to `path` through `write_bytes_atomic` (same temporary file, same
+    WriteError)."""
+    write_bytes_atomic(path, text.encode())

@@ -95,7 +95,8 @@ def set_learning_rate(optimizer, lr: float) -> None:
 
 @SCHEDULERS.register("CustomCosineSchedulerWithWarmup", "CosineWithWarmup")
 class CosineWithWarmup:
-    """Cosine schedule as a config block (linear probing steps it once per epoch).
+    """`cosine_with_warmup` as a config block, called with (step, peak_lr) (linear probing steps it
+    once per epoch).
 
     Args:
         epochs: length of the schedule in steps (epochs when stepped per epoch).
