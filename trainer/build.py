@@ -42,9 +42,6 @@ def derive(exp: ExperimentConfig, world_size: int, steps_per_epoch: Optional[int
     if steps_per_epoch is not None:
         derived["total_steps"] = exp.trainer.epochs * steps_per_epoch
         derived["warmup_steps"] = round(exp.warmup_epochs * steps_per_epoch)
-    if exp.warmup_epochs > exp.trainer.epochs:
-        log.info("warmup_epochs %g is more than the %d epochs: the learning rate rises for the whole run and "
-                 "stops short of %g", exp.warmup_epochs, exp.trainer.epochs, derived["learning_rate"])
     return derived
 
 

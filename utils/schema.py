@@ -106,15 +106,16 @@ def validate(config: dict, world_size: int = 1, training: bool = True) -> Experi
 
 
 def check_schedule(exp: ExperimentConfig) -> None:
-    """Values that type-check but make no schedule: fewer than one epoch (total steps <= 0), warm-up
-    epochs below 0, a learning rate of 0 or below. A warm-up longer than the run is allowed: a run
-    shortened by --epochs keeps its config's warm-up (the quickstart's `--epochs 1` has 2 warm-up
-    epochs), and `derive` logs it."""
+    """Values that type-check but make no schedule: fewer than one epoch (total steps <= 0), a
+    warm-up below 0 or longer than the run, a learning rate of 0 or below."""
     if exp.trainer is not None and exp.trainer.epochs < 1:
         raise ConfigError(f"trainer.epochs: {exp.trainer.epochs} (also set by --epochs); training needs at least 1 "
                           f"epoch")
     if not exp.warmup_epochs >= 0:
         raise ConfigError(f"warmup_epochs: {exp.warmup_epochs:g}; warm-up lasts 0 epochs or more")
+    if exp.trainer is not None and exp.warmup_epochs > exp.trainer.epochs:
+        raise ConfigError(f"warmup_epochs: {exp.warmup_epochs:g} is more than the {exp.trainer.epochs} epoch(s) of "
+                          f"trainer.epochs (also set by --epochs); the warm-up ends within the run")
     if exp.base_learning_rate is not None and not exp.base_learning_rate > 0:
         raise ConfigError(f"base_learning_rate: {exp.base_learning_rate:g}; a learning rate must be positive")
 
