@@ -1,4 +1,4 @@
-"""Throughput of the batched recipes (data_loader.gpu_augment, SPEC 5) against the PIL recipes.
+"""Throughput of the batched recipes (data_loader.gpu_augment, docs/reference.md §5) against the PIL recipes.
 
     python -m bench.bench_gpu_augment --device cuda --workers 16 --batches 5
 

@@ -1,4 +1,4 @@
-"""k-NN search speed (SPEC 6): the batched, chunked search of trainer/knn.py against a search that
+"""k-NN search speed (docs/reference.md §6): the batched, chunked search of trainer/knn.py against a search that
 classifies one query at a time over the whole bank, as the reference did.
 
     python -m bench.bench_knn                                    # GPU: bank 1,280,000 x 2048, 50,000 queries

@@ -1,4 +1,4 @@
-"""Throughput of the shard loader (SPEC 5) with the paper's augmentation recipes.
+"""Throughput of the shard loader (docs/reference.md §5) with the paper's augmentation recipes.
 
     python -m bench.bench_loader --workers 1 2 4 --batches 20
 
@@ -7,7 +7,7 @@ with texture, about the size of an ImageNet photo on disk) into a temporary fold
 `preprocessing/create_tar_webdataset.py`, and times the training loader (`dino` with 2 views and
 `dino_multicrop` with 8) for every worker count: samples per second in total and per worker, after
 a warm-up that starts the workers. It prints figures; there is no pass or fail. The reference code's
-PIL pipeline fed 712 samples/s on 16 cores for 2 x 224 (SPEC 9).
+PIL pipeline fed 712 samples/s on 16 cores for 2 x 224 (docs/reference.md §9).
 
 `--augment-on gpu` times the CPU side of `augment_on: gpu` instead: the workers only read the
 shards and pack the batch's JPEG files into one buffer (decoding and augmentation then happen on

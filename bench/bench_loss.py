@@ -22,8 +22,8 @@ from model.loss import GroCo
 
 
 class ReferenceStyleGroCo(torch.nn.Module):
-    """SPEC 1 computed the way the paper's code does it: all similarities with gradient, top-k,
-    diffsort's matrix-product network, torch's BCELoss."""
+    """GroCo (docs/reference.md §1) computed the way the paper's code does it: all similarities
+    with gradient, top-k, diffsort's matrix-product network, torch's BCELoss."""
 
     def __init__(self, n_augs: int, topk_neg: int = 10, steepness: float = 1.0, device: str = "cpu",
                  n_pos_augs: int | None = None):

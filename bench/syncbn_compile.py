@@ -54,7 +54,7 @@ def ms_per_step(model: nn.Module, views: list[torch.Tensor], steps: int) -> floa
 def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        probe(rank, args)  # the DDP models freed before their process group (torch 2.11 hung otherwise)
+        probe(rank, args)  # the DDP models freed before their process group, or the exit can hang
         dist.barrier()
     finally:
         dist.destroy_process_group()

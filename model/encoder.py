@@ -1,8 +1,5 @@
-"""The encoder (SPEC 3): a torchvision ResNet without its classifier.
-
-The ResNet sits in the attribute `encoder`, so that state-dict keys read `encoder.conv1.weight`
-as in the released checkpoints (`module.encoder.conv1.weight` there, saved from DDP).
-"""
+"""The encoder (docs/reference.md §3): a torchvision ResNet without its classifier, held in the
+attribute `encoder` so that keys read `encoder.conv1.weight` as in the released checkpoints."""
 
 from __future__ import annotations
 
@@ -25,13 +22,11 @@ RESNET_LAYOUTS = {
 
 
 def build_resnet(arch: str, width: int = 64, cifar_stem: bool = False) -> tvm.ResNet:
-    """A torchvision ResNet with `zero_init_residual=True`, optionally narrower or with a small stem.
+    """A torchvision ResNet (`zero_init_residual=True`); ConfigError for an unknown `arch`.
 
-    Args:
-        arch: a torchvision ResNet name (`resnet18` ... `resnet152`, `wide_resnet50_2`, ...), or
-            `resnet10` (ResNet-18 with one block a stage).
-        width: channels of the stem and the first stage (64 in torchvision); the stages double it.
-        cifar_stem: a 3x3 stride-1 first convolution and no max-pool, for images of 32 px or less.
+    `arch`: a torchvision ResNet name or `resnet10` (one block a stage); `width`: channels of the
+    stem and first stage (64 = torchvision, other widths only for RESNET_LAYOUTS); `cifar_stem`: a
+    3x3 stride-1 first convolution and no max-pool, for images of 32 px or less.
     """
     in_torchvision = arch.startswith(("resnet", "wide_resnet", "resnext")) and hasattr(tvm, arch)
     if not in_torchvision and arch not in RESNET_LAYOUTS:
@@ -79,13 +74,7 @@ def _narrow_resnet(block: type, layers: list[int], width: int) -> tvm.ResNet:
 
 @ENCODERS.register("RegularEncoder", "ResNetEncoder")
 class ResNetEncoder(nn.Module):
-    """ResNet trunk; `forward([B, 3, H, W]) -> [B, feature_dim]`.
-
-    Args:
-        arch: torchvision ResNet name (`resnet50` in the paper).
-        width: stem / first-stage width (64 = torchvision's).
-        cifar_stem: small-image stem (3x3 stride-1 conv, no max-pool).
-    """
+    """ResNet trunk (arguments as `build_resnet`); `forward([B, 3, H, W]) -> [B, feature_dim]`."""
 
     def __init__(self, arch: str, width: int = 64, cifar_stem: bool = False):
         super().__init__()

@@ -1,8 +1,5 @@
-"""Projection head and linear classifier (SPEC 3).
-
-The head sits in the attribute `projection` (keys `projection.0.weight`, as the released
-checkpoints' `module.projection.0.weight`).
-"""
+"""Projection head and linear classifier (docs/reference.md §3). The head is the attribute
+`projection`, so keys read `projection.0.weight` as in the released checkpoints."""
 
 from __future__ import annotations
 
@@ -26,14 +23,9 @@ def projection_head(input_dim: int, num_layers: int, output_dim: int, batch_norm
 
 @PROJECTIONS.register("RegularProjection", "MLPProjection")
 class MLPProjection(nn.Module):
-    """MLP head; `forward([B, input_dim]) -> [B, output_dim]`.
-
-    Args:
-        input_dim: the encoder's feature dimension (given by the program).
-        num_layers: number of Linear layers (3 in the paper).
-        output_dim: embedding size (2048 for GroCo, 128 for SimCLR).
-        batch_norm_first: put a BatchNorm1d in front of the first layer.
-    """
+    """`projection_head` as a config block; `forward([B, input_dim]) -> [B, output_dim]`.
+    `input_dim` is the encoder's feature dimension (given by the program); ConfigError when
+    `num_layers` < 1."""
 
     def __init__(self, input_dim: int, num_layers: int = 3, output_dim: int = 2048, batch_norm_first: bool = False):
         super().__init__()
@@ -60,8 +52,7 @@ class LinearClassifier(nn.Module):
 
 
 class SSLModel(nn.Module):
-    """Encoder + projection head. Every view goes through the encoder as its own batch, so each
-    view keeps its own BatchNorm statistics (SPEC 3)."""
+    """Encoder + projection head; each view is its own encoder batch (own BatchNorm statistics)."""
 
     def __init__(self, encoder: nn.Module, projection: nn.Module):
         super().__init__()

@@ -1,33 +1,18 @@
-"""Write ImageNet, or any image-folder dataset, as WebDataset shards (SPEC 5).
+"""Write ImageNet, or any image-folder dataset, as WebDataset shards (docs/reference.md §5).
 
     python preprocessing/create_tar_webdataset.py --input data/imagenet/original --output data/imagenet/processed
 
-Input, either of:
-- the original ImageNet files (`ILSVRC2012_img_train.tar`, `ILSVRC2012_img_val.tar`,
-  `ILSVRC2012_devkit_t12.tar.gz`), read through torchvision's ImageNet parser, which checks the
-  archives and extracts them into `--input` on first use (about 150 GB more); wnids and class names
-  come from the devkit. A folder already parsed by torchvision (`meta.bin`, `train/`, `val/`) is
-  taken the same way.
-- an extracted tree `train/<class>/*`, `val/<class>/*` of any image-folder dataset: the sorted
-  folder names of `train/` give the class indices, and a folder's name is its class's `wnid` and
-  name.
-- unlabelled images directly in `train/` (no class folders), with `--splits train`: every sample's
-  `cls` is -1 and its `wnid` empty, and `metadata.json` lists no classes. They train; evaluators
-  refuse them (they need classes).
+Input: ImageNet's original archives (or torchvision's parsed folder with `meta.bin`), read and on
+first use extracted (about 150 GB) by torchvision's parser; or a tree `train/<class>/*`,
+`val/<class>/*` (sorted class folders give the indices; a folder's name is its wnid and class); or,
+with `--splits train`, unlabelled images directly in `train/` (`cls` -1, empty `wnid`, no classes).
 
-Output: `OUT/train/imagenet-train-%06d.tar` (2,000 samples each), `OUT/val/imagenet-val-%06d.tar`
-(500 each) and `OUT/metadata.json` (`wnids`, `classes`, `wnid_to_idx`, `class_to_idx`, and
-`shard_samples`: the samples of each shard, by `split/file name`, so that a reader can tell how many a
-shard cut short has lost). A sample is
-`KEY.image.jpg`, the image file's original bytes (not re-encoded, whatever their format), and
-`KEY.metadata.pyd`, a pickled `{'cls': int, 'wnid': str}`; KEY is the file name without its
-extension. The samples of a split are shuffled with `--seed` before writing. Each shard is written
-under a temporary name and renamed when complete, so an interrupted run leaves no partial shard
-under a final name.
-
-Images are copied, not decoded: a corrupt file ends up in a shard, where the training loader skips
-it and an evaluation loader stops with an error naming it. `--verify` decodes every image first and
-refuses to write anything if one fails.
+Output: `OUT/{train,val}/imagenet-{train,val}-%06d.tar` (2,000 / 500 samples each, shuffled with
+`--seed`) and `OUT/metadata.json`, which adds `shard_samples` (samples per `split/file name`) so a
+reader can count what a truncated shard lost. A sample is `KEY.image.jpg` (the file's bytes, never
+re-encoded) and `KEY.metadata.pyd` (pickled `{'cls': int, 'wnid': str}`). Shards are written under
+a temporary name and renamed when complete. Images are copied, not decoded; `--verify` decodes
+every image first and writes nothing if one fails.
 """
 
 from __future__ import annotations

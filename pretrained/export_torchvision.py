@@ -1,19 +1,13 @@
-"""Export a checkpoint's encoder as a plain torchvision ResNet state dict (SPEC 3, 7).
+"""Export a checkpoint's encoder as a plain torchvision ResNet state dict.
 
     python pretrained/export_torchvision.py --resume pretrained/2views_100ep/latest_model.pth \\
         --output resnet50_groco_2views_100ep.pth
 
-The encoder's keys (`encoder.conv1.weight`, or `module.encoder.conv1.weight` in the released
-checkpoints) become torchvision's (`conv1.weight`). The architecture comes from the `config.yaml`
-beside the checkpoint, else from the config stored in it; only a torchvision architecture (width
-64, the standard stem) can be exported. Before writing, the result is loaded into
-`torchvision.models.<arch>()`: exactly `fc.weight` and `fc.bias` may be missing and nothing may be
-unexpected. The file is written atomically; use it with
-
-    model = torchvision.models.resnet50()
-    model.load_state_dict(torch.load("OUT.pth"), strict=False)  # only fc is missing
-
-Exit codes: 0 done, 2 a checkpoint or config that cannot be exported (one error line).
+Keys `[module.]encoder.conv1.weight` become `conv1.weight`; the architecture (from `config.yaml`
+beside the checkpoint, else the config inside it) must be torchvision's (width 64, standard stem).
+The file is written atomically once it loads into `torchvision.models.<arch>()` with exactly `fc`
+missing: `model.load_state_dict(torch.load("OUT.pth"), strict=False)`. Exit status: 0 done, 2 a
+checkpoint or config that cannot be exported (one error line).
 """
 
 from __future__ import annotations

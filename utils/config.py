@@ -1,10 +1,9 @@
 """Config files: loading with `_base_` inheritance, dotted overrides, and strict validation.
 
-The configs keep the schema of the paper's code (SPEC sections 7-9): top-level keys such as
-`train_dataloader`, `encoder`, `loss`, `trainer`, with `{type, args}` blocks resolved through the
-registries of `utils.registry`. Everything a config says is checked before anything is built:
-an unknown key, an unknown type or a value of the wrong type is a `ConfigError` that names the key
-path (`loss.args.topk_neg`) and, for types, the valid choices.
+The paper code's schema: top-level keys (`train_dataloader`, `encoder`, `loss`, `trainer`, ...)
+with `{type, args}` blocks resolved through `utils.registry`. Everything is checked before anything
+is built: an unknown key or type, or a wrongly typed value, is a `ConfigError` naming the key path
+(`loss.args.topk_neg`) and, for types, the valid choices.
 """
 
 from __future__ import annotations

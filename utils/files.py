@@ -51,6 +51,5 @@ def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """`text`, UTF-8 encoded, to `path` through `write_bytes_atomic` (same temporary file, same
-    WriteError)."""
+    """`write_bytes_atomic` of `text`, UTF-8 encoded."""
     write_bytes_atomic(path, text.encode())

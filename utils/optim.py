@@ -1,4 +1,4 @@
-"""Optimisation (SPEC 4): SGD, LARC, and the per-iteration cosine schedule with warm-up."""
+"""Optimisation (docs/reference.md §4): SGD, LARC, and the per-iteration cosine schedule with warm-up."""
 
 from __future__ import annotations
 
@@ -25,13 +25,10 @@ def adam(params: Iterable, lr: float, weight_decay: float = 0.0) -> torch.optim.
 
 
 class LARC:
-    """Layer-wise adaptive rate control around an optimiser (You et al. 2017; apex's LARC with
-    clip=False).
-
-    For each parameter with non-zero parameter and gradient norms:
-    g <- (g + wd * p) * trust * ||p|| / (||g|| + wd * ||p|| + eps); then the wrapped optimiser steps
-    with its own weight decay off. Written without host synchronisation. The state dict is the
-    wrapped optimiser's, as in the released checkpoints.
+    """Layer-wise adaptive rate control (You et al. 2017; apex's LARC, clip=False) around `optimizer`:
+    g <- (g + wd * p) * trust * ||p|| / (||g|| + wd * ||p|| + eps) where both norms are non-zero,
+    then the wrapped step with its weight decay off. No host sync; the state dict is the wrapped
+    optimiser's, as in the released checkpoints.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, trust_coefficient: float = 0.001, eps: float = 1e-8):
@@ -81,7 +78,7 @@ class LARC:
 
 
 def cosine_with_warmup(step: int, peak_lr: float, total_steps: int, warmup_steps: int) -> float:
-    """SPEC 4: lr * t / W for t < W, else 0.5 * lr * (1 + cos(pi * (t - W) / (T - W)))."""
+    """lr * t / W for t < W, else 0.5 * lr * (1 + cos(pi * (t - W) / (T - W)))."""
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
     span = max(total_steps - warmup_steps, 1)
@@ -95,13 +92,8 @@ def set_learning_rate(optimizer, lr: float) -> None:
 
 @SCHEDULERS.register("CustomCosineSchedulerWithWarmup", "CosineWithWarmup")
 class CosineWithWarmup:
-    """`cosine_with_warmup` as a config block, called with (step, peak_lr) (linear probing steps it
-    once per epoch).
-
-    Args:
-        epochs: length of the schedule in steps (epochs when stepped per epoch).
-        warmup_epochs: linear warm-up steps.
-    """
+    """`cosine_with_warmup` as a config block, called with (step, peak_lr); `epochs` and
+    `warmup_epochs` count its steps (epochs when linear probing steps it once per epoch)."""
 
     def __init__(self, epochs: int, warmup_epochs: int = 0):
         self.epochs = epochs

@@ -7,9 +7,6 @@ samples/s, online k-NN accuracy (every `knn@*` key), linear-probe accuracy, and 
 statistics (largest / smallest positive and negative similarity, pos_min - neg_max). Several runs
 share each figure (the similarities: a panel per run), labelled by their folder
 (`<name>/<MMDD_HHMMSS>`). Long noisy series are drawn faint under their running mean.
-
-Against epochs, a step sits at its fraction of its epoch and an epoch's evaluation at the end of
-the epoch (the evaluation before training at 0).
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-SIMILARITIES = {  # metrics.jsonl key: (legend text, colour for a single run, line style); SPEC 1, first anchor
+SIMILARITIES = {  # metrics.jsonl key: (legend, colour for a single run, line style); GroCo's first anchor
     "info_pos_max": ("largest positive", "C2", "-"),
     "info_pos_min": ("smallest positive", "C2", "--"),
     "info_neg_max": ("largest negative", "C3", "-"),

@@ -1,9 +1,5 @@
-"""Registries that map the config's `type` names to the classes that build them.
-
-A config block `{type: NAME, args: {...}}` is resolved through one of the registries below.
-The paper's config files use the reference code's class names (`RegularEncoder`, `GroCo`,
-`web_dataloader`, ...); they are registered here, sometimes as aliases of a clearer internal name.
-"""
+"""Registries mapping a config block's `type` to its constructor; the reference code's names
+(`RegularEncoder`, `web_dataloader`, ...) are registered, some as aliases of clearer ones."""
 
 from __future__ import annotations
 
@@ -11,13 +7,8 @@ from typing import Callable
 
 
 class Registry:
-    """A named set of constructors with their config names.
-
-    Args:
-        kind: what the registry holds ("loss", "encoder", ...), used in error messages.
-        runtime_args: constructor arguments supplied by the program, never by the config
-            (for example `distributed`); a config that sets one is an error.
-    """
+    """Constructors by config name. `kind` ("loss", ...) names it in errors; `runtime_args` are
+    constructor arguments the program supplies (`distributed`) and a config may not set."""
 
     def __init__(self, kind: str, runtime_args: tuple[str, ...] = ()):
         self.kind = kind

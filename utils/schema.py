@@ -1,8 +1,5 @@
-"""The schema of an experiment config (SPEC sections 4, 7, 9) and its derived values.
-
-The key names and nesting are the reference code's, so that the paper's config files and the
-`config.yaml` saved beside the released checkpoints load unchanged.
-"""
+"""The schema of an experiment config and its derived values. Key names and nesting are the
+reference code's, so the paper's configs and the released checkpoints' `config.yaml` load unchanged."""
 
 from __future__ import annotations
 
@@ -32,14 +29,11 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 class TrainerSettings:
     """The `trainer` block.
 
-    `mixed_precision`: false = float32; true or 'fp16' = float16 autocast with a loss scaler
-    (the paper's setting; CUDA only); 'bf16' = bfloat16 autocast, no scaler. On the CPU the run is
-    float32 whatever is asked, and the log says so. `channels_last` stores images and convolution
-    weights NHWC (faster convolutions with tensor cores); `compile` runs the model and the loss
-    through torch.compile: true = its default mode, or a mode by name. 'reduce-overhead' (and
-    'max-autotune') also replay them as CUDA graphs on a GPU, which removes the kernel-launch cost
-    that dominates the small GroCo loss. Both are off by default; neither changes what is computed
-    beyond floating-point rounding.
+    `mixed_precision`: false = float32; true or 'fp16' = float16 autocast with a loss scaler (the
+    paper's; CUDA only); 'bf16' = bfloat16, no scaler; the CPU always runs float32 (logged).
+    `channels_last`: NHWC images and weights. `compile`: torch.compile of model and loss, true = the
+    default mode; 'reduce-overhead' and 'max-autotune' also replay CUDA graphs, removing the launch
+    cost that dominates the small GroCo loss. Neither changes results beyond rounding.
     """
 
     epochs: int
@@ -141,7 +135,7 @@ def as_list(value: Union[dict, list, None]) -> list:
 
 
 def scaled_learning_rate(base: float, rule: str, global_batch: int) -> float:
-    """SPEC 4: `linear` base * 32 * B / 1024, `sqrt` base * sqrt(B), `none` base."""
+    """Peak lr for global batch B: `linear` base * 32 * B / 1024, `sqrt` base * sqrt(B), `none` base."""
     if rule == "linear":
         return base * 32.0 * global_batch / 1024
     if rule == "sqrt":

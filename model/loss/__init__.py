@@ -1,13 +1,7 @@
-"""Self-supervised losses: GroCo (SPEC 1) and the SimCLR baselines of the paper (SPEC 2).
-
-Every loss is built with the config's keyword arguments plus `distributed` and called as
-`loss, info = loss_fn(embeddings)`, with `embeddings` the list of V projections `[B, D]` in view
-order (global views first). `info` holds 0-dim detached tensors; nothing here syncs the GPU.
-All arithmetic is float32, outside autocast.
-
-Importing this package registers the losses under the config names. The modules:
-`groco` (GroCo), `ntxent` (the NT-Xent baselines), `ops` (the autograd functions and tensor helpers
-under them); `check_batches` is here.
+"""Self-supervised losses: GroCo and the SimCLR baselines (docs/reference.md §1, §2), registered
+under the config names. Built with the config's arguments plus `distributed`; called as
+`loss, info = loss_fn(embeddings)` with V projections `[B, D]` (global views first). `info` holds
+detached 0-dim tensors (no GPU sync); all arithmetic is float32, outside autocast.
 """
 
 from __future__ import annotations
@@ -32,10 +26,9 @@ __all__ = [
 
 
 def check_batches(loss: nn.Module, views: int, global_batch: int) -> None:
-    """ConfigError, before training starts, when the training loader's batches do not fit `loss`:
-    `views` other than the loss's `n_augs` (NT_Xent: fewer than 2), or a `global_batch` that
-    leaves an anchor fewer than `topk_neg` negatives (GroCo: the other samples of its view;
-    NT_Xent: both views of the other samples)."""
+    """ConfigError, before training, when `views` is not the loss's `n_augs` (or below 2) or
+    `global_batch` leaves an anchor fewer than `topk_neg` negatives (GroCo: the other samples of
+    its view; NT_Xent: both views of the other samples)."""
     expected = getattr(loss, "n_augs", None)
     if expected is not None and views != expected:
         raise ConfigError(f"loss.args.n_augs: the loss takes {expected} views, but the training loader makes "

@@ -1,10 +1,6 @@
-"""The GroCo loss, Group Ordering Constraints: the paper's method section and its Fig. 2.
-
-Each anchor's K hardest negatives (`hardest_negatives`) and its positives (`positive_similarities`)
-go through the relaxed sorting network (`model.sorting`); the binary cross entropy
-(`binary_cross_entropy`) asks it to rank every negative below every positive (`groco_group_loss`).
-`groco_loss` computes it on stacked embeddings, `GroCo` is the registered module.
-"""
+"""GroCo, Group Ordering Constraints (docs/reference.md §1; the paper's Fig. 2): each anchor's K
+hardest negatives and its positives go through the relaxed sorting network, and a BCE asks it to
+rank every negative below every positive."""
 
 from __future__ import annotations
 
@@ -21,22 +17,10 @@ from utils.registry import LOSSES
 
 
 def hardest_negatives(anchor: torch.Tensor, candidates: torch.Tensor, offset: int, k: int) -> torch.Tensor:
-    """Cosine similarities of each anchor to its k most similar candidates of the same view, ascending.
-
-    The similarity matrices are computed once without gradient; the gradient reaches anchors and
-    candidates through the k selected pairs only, which is what top-k over a differentiable matrix
-    gives, at a fraction of its backward cost.
-
-    Args:
-        anchor: `[V, B, D]` L2-normalised anchors, one block per view.
-        candidates: `[V, N, D]` L2-normalised candidates of each view; row `offset + b` is anchor b
-            itself and never counts as its negative.
-        offset: index of the first local anchor among the candidates.
-        k: number of negatives.
-
-    Returns:
-        `[V, B, k]` similarities in ascending order.
-    """
+    """`[V, B, k]` ascending similarities of each anchor to its k nearest candidates (ValueError when
+    N - 1 < k); `anchor` `[V, B, D]`, `candidates` `[V, N, D]` L2-normalised, candidate `offset + b`
+    being anchor b itself. Computed without gradient; the gradient flows through the k selected
+    pairs only (as top-k over a differentiable matrix would, at a fraction of the backward cost)."""
     if candidates.shape[1] - 1 < k:
         raise ValueError(f"topk_neg={k} needs a global batch of at least {k + 1}, got {candidates.shape[1]}")
     with torch.no_grad():
@@ -46,8 +30,8 @@ def hardest_negatives(anchor: torch.Tensor, candidates: torch.Tensor, offset: in
             sim = torch.stack([symmetric_products(a) if same else a @ c.T for a, c in zip(anchor, candidates)])
         else:
             sim = torch.bmm(anchor, candidates.transpose(1, 2))  # [V, B, N]
-        # anchor b is candidate offset + b: a diagonal. `fill_` takes the number as a kernel argument;
-        # assigning it through index tensors copies it to the device first, a wait on torch 2.11
+        # anchor b is candidate offset + b: a diagonal. `fill_` passes -inf as a kernel argument;
+        # assigning through index tensors would copy it to the device (a host sync)
         sim.diagonal(offset, dim1=1, dim2=2).fill_(-float("inf"))
         values, index = sim.topk(k, dim=2)
     if candidates is anchor:  # no stop-grad, one process: torch.compile cannot trace one tensor given twice
@@ -64,15 +48,9 @@ def binary_cross_entropy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def positive_similarities(z: torch.Tensor, n_pos: int, stop_grad: bool) -> list[torch.Tensor]:
-    """Cosine similarities of every view to its positives, ascending, in two groups of anchors:
-    the global views (`[P, B, P-1]`: the other global views) and the local ones (`[V-P, B, P]`:
-    every global view; absent when V = P).
-
-    Args:
-        z: `[V, B, D]` L2-normalised views, the P global ones first.
-        n_pos: P.
-        stop_grad: detach the positives.
-    """
+    """Ascending positive similarities of `z` `[V, B, D]` (L2-normalised, the P = `n_pos` global
+    views first): `[P, B, P-1]` for the global anchors, then `[V-P, B, P]` for the local ones
+    (absent when V = P). `stop_grad` detaches the positives."""
     positives = z[:n_pos].detach() if stop_grad else z[:n_pos]
     cos = torch.bmm(z.transpose(0, 1), positives.permute(1, 2, 0)).transpose(0, 1)  # [V, B, P]
     # a global view is not its own positive: +inf sorts it last, where it is cut off
@@ -84,15 +62,8 @@ def positive_similarities(z: torch.Tensor, n_pos: int, stop_grad: bool) -> list[
 
 
 def groco_group_loss(neg: torch.Tensor, pos: torch.Tensor, topk_neg: int, steepness: float) -> torch.Tensor:
-    """GroCo's sorting loss (SPEC 1, steps 5-7) averaged over a group of anchors with as many positives.
-
-    Args:
-        neg: `[A, B, K]` hardest-negative similarities, ascending.
-        pos: `[A, B, P']` positive similarities, ascending.
-
-    Returns:
-        0-dim: the mean over the A anchor views of each one's loss.
-    """
+    """0-dim sorting loss (docs/reference.md §1, steps 5-7), mean over A anchor views with as many
+    positives; `neg` `[A, B, K]` and `pos` `[A, B, P']` ascending."""
     scores = torch.cat((neg, pos), dim=2).flatten(0, 1)  # [A*B, n]
     # Target: the identity order, every negative ranked below every positive.
     below, above = relaxed_rank_mass(scores, topk_neg, steepness)  # [A*B, n] each
@@ -103,22 +74,11 @@ def groco_group_loss(neg: torch.Tensor, pos: torch.Tensor, topk_neg: int, steepn
 
 @LOSSES.register("GroCo")
 class GroCo(nn.Module):
-    """Group Ordering Constraints loss (SPEC 1): the mean over anchor views of the sorting loss
-    that ranks each anchor's K hardest negatives below its positives.
-
-    Every view is an anchor; its positives are the other global views (the first P); its negatives
-    are the K most similar other samples of the same view in the (global) batch. All anchor views
-    go through one similarity product, one top-k and one sorting network per group of anchors
-    with as many positives, so the kernel count does not grow with V.
-
-    Args:
-        distributed: negatives from the global batch (given by the program).
-        n_augs: V, the number of views.
-        n_pos_augs: P, the number of global views used as positives (default V; 2 for multi-crop).
-        topk_neg: K, the number of hardest negatives per anchor.
-        steepness: s of the relaxed sorting network.
-        stop_grad: no gradient through positives and negatives.
-    """
+    """GroCo (docs/reference.md §1): V = `n_augs` views, the first P = `n_pos_augs` (default V)
+    global, K = `topk_neg` negatives, sorting `steepness` s; `stop_grad` detaches positives and
+    negatives; `distributed` (given by the program) takes negatives from the global batch.
+    ConfigError unless 2 <= P <= V and K >= 1. All anchors share one similarity product, one top-k
+    and one sorting network per group of anchors, so the kernel count does not grow with V."""
 
     def __init__(
         self,
@@ -152,8 +112,7 @@ class GroCo(nn.Module):
 
 def groco_loss(z: torch.Tensor, n_pos: int, topk_neg: int, steepness: float, stop_grad: bool,
                distributed: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GroCo (SPEC 1) on stacked float32 embeddings `z` `[V, B, D]` (the `GroCo` module's arguments;
-    `n_pos` = P) -> (0-dim loss, the similarity statistics of the first view as anchor)."""
+    """GroCo on float32 `z` `[V, B, D]` (`n_pos` = P) -> (0-dim loss, first anchor's statistics)."""
     z = normalize(z)  # [V, B, D]
     if distributed:  # every view of the global batch, [V, W*B, D], rank-major within a view
         candidates = _gather(z.transpose(0, 1), True, detach=stop_grad).transpose(0, 1)

@@ -1,6 +1,4 @@
-"""The NT-Xent family: SimCLR's loss and its multi-view variants, the baselines the paper compares
-GroCo with (`NT_Xent`, `NT_XentWithMoreNegatives`, `NT_XentAllCombinations` in its configs).
-"""
+"""The NT-Xent baselines (docs/reference.md §2): SimCLR's loss and its multi-view variants."""
 
 from __future__ import annotations
 
@@ -20,16 +18,9 @@ def _cross_entropy_with_masks(
     anchors: torch.Tensor, candidates: torch.Tensor, positive: torch.Tensor, excluded: torch.Tensor, temperature: float,
     topk_neg: Optional[int] = None,
 ) -> torch.Tensor:
-    """Mean NT-Xent over anchors.
-
-    Args:
-        anchors: `[M, D]` L2-normalised.
-        candidates: `[N, D]` L2-normalised.
-        positive: `[M]` index of each anchor's positive among the candidates.
-        excluded: `[M, N]` bool, candidates that are neither positive nor negative for the anchor.
-        temperature: softmax temperature.
-        topk_neg: keep only the hardest negatives (logits = [positive, K negatives], target 0).
-    """
+    """Mean NT-Xent of L2-normalised `anchors` `[M, D]` over `candidates` `[N, D]`; `positive` `[M]`
+    indexes each anchor's positive, `excluded` `[M, N]` marks candidates that are neither positive
+    nor negative; `topk_neg` keeps the K hardest negatives (logits [positive, K], target 0)."""
     logits = anchors @ candidates.T / temperature
     logits = logits.masked_fill(excluded, -float("inf"))
     if topk_neg is None:
@@ -44,11 +35,8 @@ def _cross_entropy_with_masks(
 def _views_layout(
     z_views: list[torch.Tensor], distributed: bool, detach: bool
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Anchors = views 1 and 2 of the local samples; candidates = all V views of all samples.
-
-    Returns (anchors `[2B, D]`, candidates `[W*V*B, D]`, index of the local block): candidate row
-    `r*V*B + v*B + i` is view v of sample i of process r, the real gathered layout.
-    """
+    """(anchors `[2B, D]`: views 1 and 2, candidates `[W*V*B, D]`: all views of all processes, offset
+    of the local block); candidate `r*V*B + v*B + i` is view v of sample i on rank r."""
     z = [F.normalize(v, dim=1, eps=COSINE_EPS) for v in z_views]
     local = torch.cat(z, dim=0)
     candidates = _gather(local, distributed, detach)
@@ -59,8 +47,8 @@ def _views_layout(
 def _more_negatives_loss(
     z_views: list[torch.Tensor], temperature: float, distributed: bool, stop_grad: bool, topk_neg: Optional[int]
 ) -> torch.Tensor:
-    """NT-Xent with views 1 and 2 as anchors against all views; the views of the anchor's own
-    sample other than its positive are excluded (SPEC 2)."""
+    """NT-Xent of views 1 and 2 against all views, excluding the anchor's own sample's views other
+    than its positive; masks follow the gathered layout of `_views_layout`."""
     n_views, batch = len(z_views), z_views[0].shape[0]
     anchors, candidates, offset = _views_layout(z_views, distributed, stop_grad)
     device = anchors.device
@@ -76,14 +64,8 @@ def _more_negatives_loss(
 
 @LOSSES.register("NT_Xent")
 class NTXent(nn.Module):
-    """SimCLR's NT-Xent on views 1 and 2 (SPEC 2).
-
-    Args:
-        distributed: negatives from the global batch.
-        temperature: softmax temperature.
-        stop_grad: no gradient through the candidates.
-        topk_neg: keep only the K hardest negatives.
-    """
+    """SimCLR's NT-Xent on views 1 and 2; `stop_grad` detaches the candidates, `topk_neg` keeps the
+    K hardest negatives, `distributed` takes negatives from the global batch."""
 
     def __init__(self, distributed: bool = False, temperature: float = 0.5, stop_grad: bool = False,
                  topk_neg: Optional[int] = None):
@@ -103,7 +85,7 @@ class NTXent(nn.Module):
 
 @LOSSES.register("NT_XentWithMoreNegatives")
 class NTXentWithMoreNegatives(nn.Module):
-    """NT-Xent with views 1 and 2 as anchors and all V views of all samples as candidates (SPEC 2)."""
+    """NT-Xent with views 1 and 2 as anchors and all V views of all samples as candidates."""
 
     def __init__(self, n_augs: int, distributed: bool = False, temperature: float = 0.5):
         super().__init__()
@@ -121,7 +103,7 @@ class NTXentWithMoreNegatives(nn.Module):
 @LOSSES.register("NT_XentAllCombinations")
 class NTXentAllCombinations(nn.Module):
     """Mean of NT_XentWithMoreNegatives over the view pairs (n, m), n <= P, n < m <= V, with n and m
-    moved to the front (SPEC 2)."""
+    moved to the front."""
 
     def __init__(self, n_augs: int, distributed: bool = False, temperature: float = 0.5,
                  n_pos_augs: Optional[int] = None):

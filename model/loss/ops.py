@@ -1,12 +1,5 @@
-"""The tensor operations under the losses: custom autograd functions and the helpers they need.
-
-`normalize` (`_Normalize`) is `F.normalize` with a one-expression backward; `_SelectedSimilarity`
-carries the gradient of GroCo's hardest-negative similarities through the selected pairs only
-(`selected_weights`, `_block_columns`, `_cpu_eager`); `symmetric_products` is `x @ x.T` computed
-from half its blocks. Also what both loss families share: `COSINE_EPS`, the view count and
-float32 cast (`_float32`), the gather across processes (`_gather`). None of this is a loss of the
-paper; it makes the GroCo loss (`model.loss.groco`) cheaper.
-"""
+"""Tensor operations under the losses: custom autograd functions that make GroCo cheaper, and the
+helpers both loss families share (cosine eps, float32 cast, gather across processes)."""
 
 from __future__ import annotations
 
@@ -31,8 +24,8 @@ def _gather(z: torch.Tensor, distributed: bool, detach: bool) -> torch.Tensor:
 
 
 class _Normalize(torch.autograd.Function):
-    """`x / max(||x||, eps)` along the last dimension (`F.normalize`), with its backward written as one
-    expression, `(g - y <g, y>) / max(||x||, eps)`, instead of autograd's chain through the norm."""
+    """`x / max(||x||, eps)` on the last dimension, backward in one expression:
+    `(g - y <g, y>) / max(||x||, eps)`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float):
@@ -55,9 +48,8 @@ def normalize(x: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:
 
 
 class _SelectedSimilarity(torch.autograd.Function):
-    """`values[v, b, k]` = <anchor[v, b], candidates[v, index[v, b, k]]>, already computed without
-    gradient; the backward pass multiplies by the matrix that holds the K gradients of each row,
-    instead of differentiating the whole similarity matrix or gathering `[V, B, K, D]` candidates."""
+    """`values[v, b, k]` = <anchor[v, b], candidates[v, index[v, b, k]]>, computed without gradient;
+    the backward multiplies by the matrix holding each row's K gradients (sparse on the CPU)."""
 
     @staticmethod
     def forward(ctx, anchor: torch.Tensor, candidates: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
@@ -88,8 +80,8 @@ class _SelectedSimilarity(torch.autograd.Function):
 
 
 def _cpu_eager(t: torch.Tensor) -> bool:
-    """`t` is on the CPU and this runs outside torch.compile: where the CPU-only shortcuts apply
-    (sparse products, per-view matrix products), which a GPU or a compiled graph does not want."""
+    """`t` is on the CPU outside torch.compile: where the CPU-only shortcuts (sparse and per-view
+    products) pay."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -110,9 +102,8 @@ def selected_weights(grad: torch.Tensor, index: torch.Tensor, n_candidates: int,
 
 
 def symmetric_products(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
-    """`x @ x.T` for `x` `[B, D]`, computing only the row blocks on and above the diagonal and
-    mirroring the others (10 of 16 block products with 4 blocks): the similarities of a view with
-    itself, on the CPU, where the product is most of the loss's time."""
+    """`x @ x.T` for `x` `[B, D]` from the blocks on and above the diagonal, mirrored (10 of 16
+    products with 4 blocks); on the CPU this product is most of the loss's time."""
     parts = x.split(-(-x.shape[0] // blocks))
     starts = [0]
     for part in parts:
