@@ -1,13 +1,10 @@
-"""Evaluate an encoder with k-NN or linear probing (SPEC 6, 7, 9): parse the command line, load the
-checkpoint's config (`config.yaml` beside it, else the one stored in it) updated by --config,
-load the encoder strictly (keys with or without DDP's `module.`), run the evaluators once.
+"""Evaluate an encoder with k-NN or linear probing: the checkpoint's config (`config.yaml` beside
+it, else the one inside it) updated by --config; the encoder loaded strictly; every evaluator run
+once, in float32 whatever `trainer.mixed_precision` says (as the reference code did).
 
     python eval.py --config configs/eval_knn.yaml --resume CKPT [--name N] [--gpu 0] [--results-json PATH]
     torchrun --standalone --nproc_per_node=4 eval.py --distributed --world-size 4 \\
         --config configs/eval_linear_probing.yaml --resume CKPT -name N
-
-Feature extraction runs in float32, as the reference's evaluation did, whatever the training
-config's `trainer.mixed_precision` says. See README.md and pretrained/README.md.
 """
 
 from __future__ import annotations
@@ -79,7 +76,7 @@ def run_evaluations(evaluations, encoder, proc, precision, tracker: Tracker) -> 
     metrics: dict[str, float] = {}
     for ev in evaluations:
         start = time.perf_counter()
-        metrics.update(ev.evaluator.evaluate(encoder, ev.train, ev.val, proc.device, precision.autocast))
+        metrics.update(ev.evaluator.evaluate(encoder, ev.train_loader, ev.val_loader, proc.device, precision.autocast))
         log.info("%s took %.1f s", type(ev.evaluator).__name__, time.perf_counter() - start)
     for name, value in metrics.items():
         log.info("%s: %.4f", name, value)

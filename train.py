@@ -21,7 +21,7 @@ from trainer.build import (
     build_model,
     build_optimizer,
     check_run_data,
-    derive,
+    derived_values,
     steps_per_epoch,
 )
 from trainer.checkpoint import checkpoint_step
@@ -52,7 +52,7 @@ def train(args, config, exp, checkpoint, proc) -> int:
     if not train_loader.training:
         raise ConfigError("train_dataloader.args: training needs `train: true` and shuffling (a shuffle buffer > 0 "
                           "for web_dataloader), so that every process runs the same number of full batches")
-    derived = derive(exp, proc.world_size, steps_per_epoch(train_loader, args.dry_run))
+    derived = derived_values(exp, proc.world_size, steps_per_epoch(train_loader, args.dry_run))
     net = build_model(exp, proc)
     loss_fn = build_loss(exp, proc)
     check_batches(loss_fn, train_loader.n_augs, train_loader.global_batch_size)

@@ -110,8 +110,8 @@ def test_the_readme_flags_still_parse(tmp_path, capsys):
 
 
 def test_eval_resume_auto_needs_a_checkpoint(tmp_path, capsys):
-    """eval.py --resume auto without a checkpoint used to evaluate a random encoder and exit 0;
-    train.py's starts a new run (dry run here)."""
+    """eval.py --resume auto without a checkpoint is one error line and exit 2, not an evaluation of
+    a random encoder; train.py's starts a new run (dry run here)."""
     argv = ["--config", QUICKSTART, "--device", "cpu", f"save_dir={tmp_path}", "--resume", "auto"]
     assert run_eval(*argv) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Data path (SPEC 5): the shard writer, the augmentation recipes, and the shard and image-folder
+"""Data path (docs/reference.md §5): the shard writer, the augmentation recipes, and the shard and image-folder
 loaders in one process and in two gloo processes, on small real image files.
 
 Every test image is one solid colour, unique in the test set, so the mean colour of a `val` view

@@ -68,8 +68,8 @@ def distributed_steps(rank: int, world: int, out: str) -> None:
         losses = [None] * world
         dist.all_gather_object(losses, loss)
         results[name] = {"losses": losses, "params": [p.detach() for p in model.module.parameters()]}
-        # each DDP model freed before the process group, as train.py does: the other order hung now
-        # and then at exit (torch 2.11)
+        # each DDP model freed before the process group, as train.py does: the other order can hang
+        # at exit
         del model
     if rank == 0:
         torch.save(results, out)
@@ -181,8 +181,7 @@ def test_torchrun_with_compile_trains_like_eager(tmp_path):
         run = only_run_dir(tmp_path / mode, "quickstart")
         losses[mode] = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"loss"' in line]
     # The loss after one update tells a wrong gradient (a doubled one would move it by about 0.5%);
-    # later steps drift apart by up to 0.06% (float rounding; the same on torch 2.11 and 2.14). The
-    # compiled loss's wrong gradients on torch 2.11 (fixed in model/sorting.py) made it 0.23%.
+    # later steps drift apart by up to 0.06% (float rounding).
     assert len(losses["true"]) == 5 and losses["true"][:2] == pytest.approx(losses["false"][:2], rel=1e-5)
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-3)
 

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC 6, 7, 9): released-format checkpoints, the k-NN search against a brute-force
+"""Evaluation (docs/reference.md §6, §7, §9): released-format checkpoints, the k-NN search against a brute-force
 per-query computation, linear probing, two gloo processes counting an odd val set once, corrupt
 checkpoints, the torchvision export, and eval.py's dry run on top of a training checkpoint."""
 
@@ -158,7 +158,7 @@ def folder_features(encoder: nn.Module, root: Path, train: bool) -> tuple[torch.
 
 def brute_force_knn(queries: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
                     ks: list[int], num_classes: int, temperature: float = 0.07, weighted: bool = True) -> dict:
-    """SPEC 6 per query, in float64 Python: sort the bank by cosine similarity, vote among the top k
+    """Weighted k-NN per query, in float64 Python: sort the bank by cosine similarity, vote among the top k
     (weights exp(sim / T) or counts), the highest score wins (ties: the lower class). Correct counts per k."""
     correct = dict.fromkeys(ks, 0)
     bank64 = bank.double()

@@ -1,4 +1,4 @@
-"""The batched recipes of data_loader.gpu_augment (SPEC 5) against the PIL recipes and torchvision,
+"""The batched recipes of data_loader.gpu_augment (docs/reference.md §5) against the PIL recipes and torchvision,
 on CPU tensors: the sampled parameters' statistics (fixed seeds, bounds many standard deviations
 wide), each step's arithmetic, shapes and normalisation, and JPEG decoding."""
 

@@ -1,4 +1,4 @@
-"""The losses against direct computations written from SPEC 1-2 (GroCo on top of diffsort)."""
+"""The losses against direct computations written from docs/reference.md §1-§2 (GroCo on top of diffsort)."""
 
 import diffsort
 import pytest
@@ -39,7 +39,7 @@ def relaxed_sort(scores: torch.Tensor, steepness: float = 1.0) -> tuple[torch.Te
 
 
 def spec_groco(z, n_pos, k, s, stop_grad):
-    """SPEC 1 step by step: full similarity matrix, top-k, diffsort's network, torch BCELoss."""
+    """The GroCo loss step by step: full similarity matrix, top-k, diffsort's network, torch BCELoss."""
     bce = torch.nn.BCELoss()
     cos = torch.nn.CosineSimilarity(dim=1, eps=1e-8)
     total = 0
@@ -94,7 +94,7 @@ def test_groco_equals_spec_definition(n_views, n_pos, stop_grad):
 @pytest.mark.parametrize("stop_grad", [True, False])
 def test_groco_large_batch_equals_spec(stop_grad):
     """From batch 512 on the CPU the view's similarities to itself are computed by blocks
-    (`symmetric_products`); the loss and gradients still equal the SPEC."""
+    (`symmetric_products`); the loss and gradients still equal `spec_groco`'s."""
     views = _views(2, batch=530, dim=16)
     ours = GroCo(n_augs=2, stop_grad=stop_grad)
     loss, grads = _value_and_grads(lambda v: ours(v)[0], views)
@@ -171,8 +171,7 @@ def test_sorting_network_gradients_pass_gradcheck():
 @pytest.mark.slow
 def test_compiled_sorting_network_has_the_eager_gradient():
     """torch.compile of the network (5 wires, as for 4 negatives and a positive: five layers) gives
-    the eager gradient. With autograd's scatter-add backward of the gathers, torch 2.11's inductor
-    got it wrong from four layers on."""
+    the eager gradient (the gathers have their own backward, not autograd's scatter-add)."""
     x = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
 
     def readout(v):
@@ -245,7 +244,7 @@ def test_selected_weights_dense_equals_sparse():
 @pytest.mark.parametrize("stop_grad", [True, False])
 def test_compiled_groco_is_one_graph_and_equals_spec(stop_grad):
     """fullgraph=True fails on any graph break, so the loss can run as one CUDA graph; compiled, the
-    backward takes the dense-weights path, which must give the SPEC gradient too. Three views and
+    backward takes the dense-weights path, which must give `spec_groco`'s gradient too. Three views and
     4 negatives: every anchor sorts 6 scores, through six layers."""
     views = _views(3, batch=24)
     compiled = torch.compile(GroCo(n_augs=3, topk_neg=4, stop_grad=stop_grad), fullgraph=True)
@@ -257,7 +256,7 @@ def test_compiled_groco_is_one_graph_and_equals_spec(stop_grad):
 
 
 def spec_nt_xent_more_negatives(z, temperature, stop_grad=False, topk_neg=None):
-    """SPEC 2, one anchor row at a time."""
+    """The NT-Xent baselines (docs/reference.md §2; 2 views: NT_Xent), one anchor row at a time."""
     batch = z[0].shape[0]
     cand = torch.cat(z, dim=0)
     cand = cand.detach() if stop_grad else cand

@@ -1,4 +1,4 @@
-"""Optimisation (SPEC 4): learning-rate scaling, the warm-up + cosine schedule, LARC."""
+"""Optimisation (docs/reference.md §4): learning-rate scaling, the warm-up + cosine schedule, LARC."""
 
 import math
 
@@ -19,7 +19,7 @@ def test_learning_rate_scaling_rules():
 
 def test_schedule_warmup_then_cosine():
     peak, total, warmup = 24.0, 1000, 100
-    assert cosine_with_warmup(0, peak, total, warmup) == 0.0  # the first step has lr 0 (SPEC 7)
+    assert cosine_with_warmup(0, peak, total, warmup) == 0.0  # the first step (index 0) has lr 0
     assert cosine_with_warmup(50, peak, total, warmup) == pytest.approx(12.0)
     assert cosine_with_warmup(100, peak, total, warmup) == pytest.approx(peak)
     assert cosine_with_warmup(550, peak, total, warmup) == pytest.approx(peak / 2)

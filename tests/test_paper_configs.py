@@ -1,4 +1,4 @@
-"""The paper's experiment configs (SPEC 9): each resolves, through `_base_`, to exactly the paper's
+"""The paper's experiment configs (docs/reference.md §9): each resolves, through `_base_`, to exactly the paper's
 config, and a dry run of train.py derives the paper's learning rate, batch, schedule and loss.
 Every file in configs/ loads and validates."""
 
@@ -48,7 +48,7 @@ FOLDERS = [
     "batch_size: 512, train: false}}]",
 ]
 
-# SPEC 9: each paper config as its differences from 2views_100ep.
+# docs/reference.md §9: each paper config as its differences from 2views_100ep.
 DIFFERENCES = {
     "2views_100ep": [],
     "2views_100ep_bs256": [*PERIODIC, "train_dataloader.args.batch_size=256"],
@@ -77,7 +77,7 @@ DIFFERENCES = {
     "examples/imagenet_folder": FOLDERS,
 }
 
-# SPEC 4 and 9: what train.py derives. 1,280,000 samples / batch = steps per epoch.
+# docs/reference.md §4 and §9: what train.py derives. 1,280,000 samples / batch = steps per epoch.
 # name: (learning rate, global batch, epochs, warm-up epochs, loss)
 DERIVED = {
     "2views_100ep": (24.0, 1024, 100, 1, "GroCo"),          # 0.75 x 32 x 1024 / 1024

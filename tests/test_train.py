@@ -414,7 +414,7 @@ def test_quickstart_learns(tmp_path, small_quickstart):
     assert json.loads((run / "results.json").read_text()) == metrics
     steps = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
     assert len(steps) == 30 and {"lr", "grad_norm", "samples_per_s", "info_pos_neg_dist"} <= set(steps[0])
-    assert steps[0]["lr"] == 0.0  # warm-up starts at zero (SPEC 7)
+    assert steps[0]["lr"] == 0.0  # warm-up starts at zero: step 0 has lr 0
 
     # eval.py on the trained checkpoint reproduces the online k-NN
     assert run_eval("--resume", run / "latest_model.pth", "--device", "cpu", "--results-json",

@@ -1,5 +1,5 @@
-"""Build the parts a config names: model, loss, optimiser, loaders, evaluators, and the derived
-values (per-process batch, scaled learning rate, steps) computed in one place."""
+"""Build the parts a config names (model, loss, optimiser, loaders, evaluators) and the values
+training derives from it (per-process batch, scaled learning rate, steps)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ from utils.schema import ExperimentConfig, as_list, scaled_learning_rate
 log = logging.getLogger("groco")
 
 
-def derive(exp: ExperimentConfig, world_size: int, steps_per_epoch: Optional[int]) -> dict:
-    """The values training derives from the config (logged, printed by --dry-run, saved)."""
+def derived_values(exp: ExperimentConfig, world_size: int, steps_per_epoch: Optional[int]) -> dict:
+    """The values training derives from the config, saved as config.yaml's `derived`; the step
+    counts are None when `steps_per_epoch` is (a dry run without data)."""
     global_batch = exp.train_dataloader["args"]["batch_size"]
     derived = {
         "learning_rate": scaled_learning_rate(exp.base_learning_rate, exp.learning_rate_scaling, global_batch),
@@ -82,37 +83,35 @@ def build_loader(block: dict, runtime: LoaderRuntime):
 
 
 def build_evaluations(exp: ExperimentConfig, runtime: LoaderRuntime, distributed: bool) -> list[Evaluation]:
-    """Evaluators with their loaders: the `train: true` loader of `valid_dataloader` (k-NN bank,
-    probe training) and the `train: false` one (queries, probe validation)."""
+    """Evaluators with the `train: true` loader of `valid_dataloader` (k-NN bank, probe training)
+    and its `train: false` one (queries, probe validation); ConfigError unless there is one each."""
     evaluators = [build_block(b, EVALUATORS, distributed=distributed) for b in as_list(exp.evaluator)]
     if not evaluators:
         return []
     blocks = as_list(exp.valid_dataloader)
-    train_side = [b for b in blocks if (b.get("args") or {}).get("train", True)]
-    val_side = [b for b in blocks if not (b.get("args") or {}).get("train", True)]
-    if len(train_side) != 1 or len(val_side) != 1:
+    train_blocks = [b for b in blocks if (b.get("args") or {}).get("train", True)]
+    val_blocks = [b for b in blocks if not (b.get("args") or {}).get("train", True)]
+    if len(train_blocks) != 1 or len(val_blocks) != 1:
         raise ConfigError(
             "valid_dataloader: the evaluators need exactly one loader with `train: true` (the k-NN bank, "
-            f"probe training) and one with `train: false` (the queries); got {len(train_side)} and {len(val_side)}"
+            f"probe training) and one with `train: false` (the queries); got {len(train_blocks)} and {len(val_blocks)}"
         )
-    bank, queries = build_loader(train_side[0], runtime), build_loader(val_side[0], runtime)
+    train_loader, val_loader = build_loader(train_blocks[0], runtime), build_loader(val_blocks[0], runtime)
     for evaluator in evaluators:
-        evaluator.check_loaders(bank, queries)  # before training, not after its last epoch
-    return [Evaluation(e, bank, queries) for e in evaluators]
+        evaluator.check_loaders(train_loader, val_loader)  # before training, not after its last epoch
+    return [Evaluation(e, train_loader, val_loader) for e in evaluators]
 
 
 def check_run_data(evaluations: list[Evaluation], *loaders) -> None:
-    """Raise DataError, before a run folder is made, when the data of `loaders` or of the
-    evaluators' loaders is missing, or the evaluators' has no classes or more than their
-    `num_classes` (dry runs do not look)."""
+    """DataError, before a run folder is made, when the data of `loaders` or of the evaluators'
+    loaders is missing, or the evaluators' has no classes or more than their `num_classes`."""
     check_data(loaders, [(loader, ev.evaluator.num_classes, f"evaluator.{i}.args.num_classes")
-                         for i, ev in enumerate(evaluations) for loader in (ev.train, ev.val)])
+                         for i, ev in enumerate(evaluations) for loader in (ev.train_loader, ev.val_loader)])
 
 
 def steps_per_epoch(loader, dry_run: bool = False) -> Optional[int]:
-    """Steps of one epoch of the training loader, the same on every process. ConfigError when its
-    data fills no global batch (the last partial batch is dropped), so that no process would run a
-    step; a dry run, which reads no data, gets None when counting needs data that is not there."""
+    """Steps of one epoch of the training loader, the same on every process (the last partial batch
+    is dropped). ConfigError when the data fills no global batch; None in a dry run without data."""
     try:
         samples = loader.num_samples
     except DataError as err:

@@ -1,15 +1,8 @@
-"""Checkpoints (README: "Resume and preemption", "Released checkpoints and results"): the released
-format plus what an exact continuation needs.
-
-A checkpoint is a dict with `epoch` (last finished, 0-based), `step` (optimisation steps done),
-`encoder`, `projection`, `optimizer` (state dicts) and `config`, as the released checkpoints;
-ours add `scaler`, `rng` (torch, CUDA, numpy, python) and `data_seed`. Files are written to a
-temporary name in the same folder and renamed, so a crash never leaves a truncated checkpoint
-under a final name. Every file, torch's legacy (pre-zip) format of the released checkpoints
-included, is read with `torch.load(weights_only=True)`: tensors and plain Python types, plus
-`argparse.Namespace`, which the released configs may hold; any other type is refused unexecuted,
-since unpickling it could run the file's code. Loading accepts state-dict keys with and without
-DDP's `module.` prefix and is strict: missing or unexpected keys are an error that lists them.
+"""Checkpoints: dicts of `epoch` (last finished, 0-based), `step` (optimisation steps done),
+`encoder`, `projection`, `optimizer` (state dicts) and `config`, as released; ours add what an
+exact continuation needs (`Trainer.state_dict`). Written atomically. Read with
+`torch.load(weights_only=True)`, so a type other than tensors, plain types and `ALLOWED_TYPES` is
+refused unexecuted. State dicts load strictly, with or without DDP's `module.` prefix.
 """
 
 from __future__ import annotations
@@ -40,9 +33,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write `state` to `path` atomically (temporary file in the same folder, fsync, rename); the
-    temporary file is removed when the write fails or is interrupted, and a file that cannot be
-    written (a full disk) is a WriteError naming `path`."""
+    """Write `state` to `path` atomically; a failed write (a full disk) is a WriteError naming
+    `path` and leaves no temporary file."""
     path = Path(path)
     data = io.BytesIO()  # serialised first: a failed write is then the file's OSError (a full disk
     torch.save(state, data)  # gives ENOSPC), where torch's own writer reports "unexpected pos"
@@ -50,9 +42,8 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint to the CPU with `weights_only=True` (`ALLOWED_TYPES` besides tensors and
-    plain types); CheckpointError, in one line, when absent, unreadable, needing another type, or
-    not a checkpoint of this project. Nothing in the file is executed."""
+    """A checkpoint read to the CPU without executing anything; CheckpointError, in one line, when
+    absent, unreadable, needing a type not allowed, or not a checkpoint of this project."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -67,8 +58,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def allowing(types: tuple[type, ...]) -> AbstractContextManager:
-    """`types` allowed by `torch.load(weights_only=True)` inside the block. torch 2.4 has no scoped
-    form (`safe_globals` came in 2.5): there they are registered for the process."""
+    """`types` allowed by `torch.load(weights_only=True)` inside the block (for the whole process
+    where torch lacks `safe_globals`)."""
     if hasattr(torch.serialization, "safe_globals"):
         return torch.serialization.safe_globals(list(types))
     torch.serialization.add_safe_globals(list(types))
@@ -76,8 +67,8 @@ def allowing(types: tuple[type, ...]) -> AbstractContextManager:
 
 
 def refusal(path: Path, err: Exception) -> str:
-    """One line for a failed `torch.load`: the type that is not allowed and how to convert a file one
-    trusts, or else the first line of torch's reason (its weights-only messages span several)."""
+    """One line for a failed `torch.load`: the type not allowed and how to convert a trusted file,
+    or else the first line of torch's reason."""
     text = str(err).split("WeightsUnpickler error:", 1)[-1].strip()
     unsafe = re.match(r"Unsupported global: GLOBAL (\S+)", text)
     if unsafe and pickles_global(path, unsafe.group(1)):
@@ -99,9 +90,8 @@ def pickles_global(path: Path, name: str) -> bool:
 
 
 def find_latest_checkpoint(runs: Path) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint in the run folders under `runs` (`save_dir/models/<name>`):
-    `latest_model.pth` and `checkpoint-epoch*.pth`, newest first; files that do not load (cut short,
-    corrupt) are skipped with a warning. None when there is none."""
+    """The newest checkpoint that loads (path, contents) in the run folders under `runs`
+    (`save_dir/models/<name>`), or None; the files that do not load are skipped with a warning."""
     candidates = [p for pattern in ("*/latest_model.pth", "*/checkpoint-epoch*.pth") for p in runs.glob(pattern)]
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
@@ -117,8 +107,7 @@ def strip_module_prefix(state_dict: dict[str, Any]) -> OrderedDict:
 
 
 def load_module_state(module: nn.Module, state_dict: dict[str, Any], what: str) -> None:
-    """Load strictly into `module` (unwrapped from DDP); a mismatch is a CheckpointError that lists
-    the missing and unexpected keys and the other shapes (`check_module_state`)."""
+    """Load strictly into `module` (unwrapped from DDP); CheckpointError as `check_module_state`."""
     check_module_state(module, state_dict, what)
     unwrap(module).load_state_dict(strip_module_prefix(state_dict))
 
@@ -129,8 +118,8 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def check_module_state(module: nn.Module, state_dict: dict[str, Any], what: str) -> None:
-    """CheckpointError, in one line, unless `state_dict` (with or without `module.`) has exactly
-    `module`'s keys with its shapes: what would fail inside `load_state_dict` is named here."""
+    """CheckpointError, in one line naming the missing and unexpected keys and other shapes, unless
+    `state_dict` (with or without `module.`) has exactly `module`'s keys and shapes."""
     expected = unwrap(module).state_dict()
     given = strip_module_prefix(state_dict)
     problems = []
@@ -150,9 +139,8 @@ def check_module_state(module: nn.Module, state_dict: dict[str, Any], what: str)
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, saved_config: Any, config: dict,
                           path: str) -> None:
-    """CheckpointError, in one line, unless the saved optimiser `state` fits `optimizer`: the same
-    optimiser type in both configs, the same parameter groups, and state tensors of the shapes of
-    the parameters they belong to (momentum buffers and the like)."""
+    """CheckpointError, in one line, unless the saved `state` fits `optimizer`: the same optimiser
+    type in both configs, the same parameter groups, state tensors of their parameters' shapes."""
     saved_type = (saved_config or {}).get("optimizer", {}).get("type") if isinstance(saved_config, dict) else None
     this_type = config.get("optimizer", {}).get("type")
     if saved_type and this_type and saved_type != this_type:

@@ -1,9 +1,5 @@
-"""The command line shared by train.py and eval.py (SPEC 8), and how it resolves the config.
-
-`-c/--config`, `-r/--resume`, `-n/--neptune`, `--name` (also `-name`, as the seed README spells it),
-`--distributed`, `--world-size`, `--dist-url`, `--dist-timeout`, `--device`, `--gpu`, `--epochs`,
-`--init_val`, `--dry-run`, `--results-json`, and any number of `dotted.key=value` overrides. Flags
-that contradict each other are an error, not a silent choice (`check_flags`).
+"""The command line shared by train.py and eval.py (docs/reference.md §8) and how it resolves the
+config. `--name` is also accepted as `-name`, as the original README's probing example spells it.
 """
 
 from __future__ import annotations
@@ -60,10 +56,9 @@ FLAG_KEYS = (("--epochs", "epochs", "trainer.epochs"), ("--init_val", "init_val"
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """ConfigError for flags that contradict each other, where one would silently win: launch
-    settings without --distributed (the run is one process), a GPU index with --device cpu or with
-    --distributed (each process takes the GPU of its local rank), and a flag together with an
-    override of the config key it sets."""
+    """ConfigError for flags that contradict each other, rather than letting one silently win:
+    launch settings without --distributed, --gpu with --device cpu or --distributed, and a flag
+    together with an override of the config key it sets."""
     if not args.distributed:
         launch = (("--world-size", args.world_size, 1), ("--dist-url", args.dist_url, "env://"),
                   ("--dist-timeout", args.dist_timeout, DIST_TIMEOUT_S))
@@ -84,13 +79,10 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def resolve_config(args: argparse.Namespace, training: bool = True) -> tuple[dict, Optional[dict]]:
-    """The config of this run and the checkpoint to resume from (or None).
-
-    With `--resume`, the config is the `config.yaml` beside the checkpoint (else the one stored in
-    it), updated by `--config` when given; then the command-line overrides apply. `--resume auto`
-    that finds no checkpoint starts a new run when `training`, and is an error otherwise (an
-    evaluation of a randomly initialised encoder is not what was asked for).
-    """
+    """The run's config and the checkpoint to resume from (or None). With `--resume`, the config is
+    the `config.yaml` beside the checkpoint (else the one inside it) updated by `--config`; the
+    overrides apply last. `--resume auto` finding nothing starts a new run when `training`, and is
+    a CheckpointError otherwise (it would evaluate a random encoder)."""
     checkpoint = None
     if args.resume == "auto":
         found = find_auto_resume(args, required=not training)  # loaded there, to skip files that do not load
@@ -152,10 +144,9 @@ def print_summary(summary: dict) -> None:
 
 
 def run_entry(description: str, job: Callable, argv: Optional[list[str]], training: bool) -> int:
-    """Parse, resolve and check the config, set up the process, then `job(args, config, exp,
-    checkpoint, proc)`. The exit status: 0 finished; 1 a non-finite loss; 2 a bad config, checkpoint
-    or launch (one logged line, and nothing is created before the checks pass); 128 + N stopped by
-    signal N, as a shell reports a process killed by it (README, "Exit status")."""
+    """Parse, resolve and check the config, set up the process, run `job(args, config, exp,
+    checkpoint, proc)`. Exit status: 0 finished; 1 a non-finite loss or a failed write; 2 a bad
+    config, checkpoint or launch (one logged line, nothing created); 128 + N stopped by signal N."""
     args = build_parser(description).parse_intermixed_args(argv)
     launch = launch_env() if args.distributed else None
     setup_logging(launch["rank"] if launch else 0)  # the rank is known before the process group is

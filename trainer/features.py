@@ -1,11 +1,6 @@
-"""Feature extraction for evaluation (SPEC 6): encoder features of a whole loader, computed once,
-and gathered from all processes in dataset order.
-
-Evaluation loaders give process r a contiguous part of the dataset (data_loader.base), so
-concatenating the processes' features in rank order restores the dataset order. The features can
-be kept where and as the caller says (a k-NN bank of all ImageNet is 1.28M x 2048: 5.2 GB in
-float16 on a GPU, or in host memory), and the gather moves them in blocks of rows, so that no
-process ever needs the whole bank twice on the GPU.
+"""Encoder features of a whole evaluation loader, gathered from all processes in dataset order:
+evaluation loaders give process r a contiguous part of the dataset, so rank order is dataset
+order. The gather moves blocks of rows, so no GPU ever holds the whole bank twice.
 """
 
 from __future__ import annotations
@@ -34,17 +29,9 @@ def comm_device(x: torch.Tensor) -> torch.device:
 
 def gather_in_order(x: torch.Tensor, out_device: Optional[torch.device] = None,
                     block_rows: int = GATHER_ROWS) -> torch.Tensor:
-    """Concatenate `[n_r, ...]` from every process in rank order; n_r may differ by process.
-
-    Args:
-        x: this process's rows `[n_r, ...]`.
-        out_device: where the result is kept (default: x's device).
-        block_rows: rows each process sends per collective; peak extra memory on the
-            communication device is world_size * block_rows rows.
-
-    Returns:
-        `[sum_r n_r, ...]` on `out_device`, x's dtype, on every process.
-    """
+    """Every process's rows `x` `[n_r, ...]` (n_r may differ) concatenated in rank order: `[sum_r
+    n_r, ...]`, x's dtype, on `out_device` (default x's), on every process. Each collective sends
+    `block_rows` rows per process: world_size * block_rows rows of extra memory at most."""
     out_device = torch.device(out_device) if out_device is not None else x.device
     world = get_world_size()
     if world == 1:
@@ -79,21 +66,15 @@ def extract_features(
     store_dtype: torch.dtype = torch.float32,
     gather_all: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder features of the first view of every batch, in the loader's order.
+    """Features of the first view of every `(views, labels)` batch, in the loader's order, with the
+    encoder (`[B, 3, H, W] -> [B, F]`) in eval mode meanwhile.
 
     Args:
-        encoder: `[B, 3, H, W] -> [B, F]`; put in eval mode here (and restored after).
-        loader: yields `(views, labels)`.
-        device: where the encoder runs.
-        autocast: makes the mixed-precision context of the forward pass (None: float32).
-        max_samples: stop once this many samples (over all processes) are collected; the result
-            is the first `max_samples` in rank order.
+        autocast: makes the forward pass's mixed-precision context (None: float32).
+        max_samples: stop after this many samples over all processes (the first ones in rank order).
         normalize: L2-normalise the features (in float32, before any cast).
-        progress: show a progress bar (on rank 0 only).
-        store_device: where the features are kept (default: `device`).
-        store_dtype: their dtype (float16 halves a GPU bank).
-        gather_all: gather every process's features in rank order (true), or return this
-            process's part only.
+        store_device, store_dtype: where and how the features are kept (default: `device`, float32).
+        gather_all: every process's features in rank order (true), or this process's only.
 
     Returns:
         features `[N, F]` (`store_dtype`, on `store_device`) and labels `[N]` (int64, same device).
@@ -129,8 +110,7 @@ def extract_features(
 
 def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
     """DataError on every process when any process's `labels` leave [0, num_classes) (unlabelled
-    images have -1): an evaluator would count them wrong, or fail inside cross-entropy (a device
-    assert on CUDA), or leave the other processes waiting in a collective. A collective itself."""
+    images have -1), rather than wrong counts, a CUDA assert or a hang. A collective."""
     span = (int(labels.min()), int(labels.max())) if labels.numel() else (0, 0)
     if any_process(span[0] < 0 or span[1] >= num_classes):
         raise DataError(f"{what}: labels outside [0, {num_classes}) (num_classes {num_classes}); this process's "

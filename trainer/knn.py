@@ -1,20 +1,10 @@
-"""Weighted k-NN evaluation (SPEC 6; Wu et al. 2018, section 3.4).
+"""Weighted k-NN evaluation (Wu et al. 2018, section 3.4) on L2-normalised encoder features: the
+score of class c is the sum of exp(s_i / T) over the neighbours of class c among the top k cosine
+similarities s_i (their count without weighting); top-1 accuracy per k.
 
-Features are L2-normalised encoder features. For query q the top max(k) cosine similarities s_i
-over the bank are found; the score of class c is the sum of exp(s_i / T) over the neighbours of
-class c among the top k (their count without weighting), and the prediction is the class of the
-highest score (ties go to the lower class index). Accuracy is top-1 per k.
-
-How it scales to ImageNet (a 1.28M x 2048 bank, 50,000 queries):
-- the bank is extracted once on all processes and gathered in dataset order; it is kept in
-  float16 on the GPU when the encoder runs on CUDA (5.2 GB), in float32 on the CPU otherwise or
-  with `compute_sim_on_cpu` (then the search runs on the CPU, and the GPU holds only the encoder);
-- queries go in batches and the bank in chunks: each chunk is converted to float32 on the fly and
-  only its top max(k) per query is kept, so a search needs query_batch x bank_chunk similarities
-  of memory, not queries x bank;
-- each process classifies its own queries (the loaders give every val sample to exactly one
-  process) and the correct counts and the query count are summed over the processes. The
-  reference classified one query at a time on one GPU (bench/bench_knn.py compares the two).
+An ImageNet bank (1.28M x 2048) is 5.2 GB in float16 on a GPU. Queries go in batches and the bank
+in chunks, keeping each chunk's top max(k): memory is query_batch x bank_chunk similarities. Each
+process classifies its own queries (every val sample is on one process) and the counts are summed.
 """
 
 from __future__ import annotations
@@ -55,18 +45,9 @@ def bank_storage(device: torch.device, on_cpu: bool) -> tuple[torch.device, torc
 
 def topk_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 65_536
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k cosine similarities of `queries` over `bank`, scanning the bank in chunks.
-
-    Args:
-        queries: `[Q, F]` float32, normalised, on the search device.
-        bank: `[N, F]` (float16 or float32, normalised, N >= k); each chunk is moved to the
-            queries' device and dtype before the product.
-        k: neighbours per query.
-        chunk: bank rows per matrix product.
-
-    Returns:
-        similarities `[Q, k]` (descending) and bank indices `[Q, k]` (int64).
-    """
+    """Top-k cosine similarities of `queries` `[Q, F]` (float32, normalised, on the search device)
+    over `bank` `[N, F]` (normalised, N >= k), `chunk` bank rows per product, each moved to the
+    queries' device and dtype. Returns similarities `[Q, k]` (descending) and indices `[Q, k]`."""
     sims, idx = [], []
     for start in range(0, bank.shape[0], chunk):
         part = bank[start: start + chunk].to(device=queries.device, dtype=queries.dtype)
@@ -79,15 +60,8 @@ def topk_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: in
 
 def vote(sim: torch.Tensor, neighbour_labels: torch.Tensor, ks: list[int], num_classes: int,
          temperature: float, use_weighting: bool) -> dict[int, torch.Tensor]:
-    """Predicted class per query for each k.
-
-    Args:
-        sim: `[Q, K]` similarities of the K = max(ks) nearest neighbours, descending.
-        neighbour_labels: `[Q, K]` their labels.
-
-    Returns:
-        {k: predictions `[Q]`}; a tie between classes goes to the lower class index.
-    """
+    """{k: predicted class `[Q]`} from `sim` `[Q, K]` (the K = max(ks) nearest neighbours,
+    descending) and their labels `[Q, K]`; a tie goes to the lower class index."""
     weights = (sim / temperature).exp() if use_weighting else torch.ones_like(sim)
     preds = {}
     for k in ks:
@@ -103,16 +77,9 @@ def knn_correct(
     ks: list[int], num_classes: int, temperature: float = 0.07, use_weighting: bool = True,
     query_batch: int = 1024, bank_chunk: int = 65_536, progress: bool = False,
 ) -> torch.Tensor:
-    """Correctly classified queries for each k, on this process's queries only.
-
-    Args:
-        query_feats: `[Q, F]` normalised; query_labels: `[Q]`; both on the search device.
-        bank_feats: `[N, F]` normalised (float16 or float32); bank_labels: `[N]`.
-        ks: the k values; the search takes max(ks) neighbours once.
-
-    Returns:
-        counts `[len(ks)]` (int64, on the search device), in the order of `ks`.
-    """
+    """Correctly classified queries of this process per k: int64 `[len(ks)]` on the search device.
+    `query_feats` `[Q, F]` and `query_labels` `[Q]` on the search device; `bank_feats` `[N, F]`
+    (float16 or float32), `bank_labels` `[N]`; both feature sets normalised."""
     max_k = max(ks)
     device = query_feats.device
     bank_labels = bank_labels.to(device)
@@ -129,10 +96,7 @@ def knn_correct(
 
 def knn_counts(query_feats: torch.Tensor, query_labels: torch.Tensor, bank_feats: torch.Tensor,
                bank_labels: torch.Tensor, ks: list[int], num_classes: int, **search) -> KNNCounts:
-    """`knn_correct` on this process's queries, summed over all processes (one all-reduce).
-
-    `search` takes knn_correct's keyword arguments (temperature, use_weighting, query_batch, ...).
-    """
+    """`knn_correct` (its keyword arguments in `search`) summed over all processes."""
     local = knn_correct(query_feats, query_labels, bank_feats, bank_labels, ks, num_classes, **search)
     local = torch.cat((local, torch.tensor([query_feats.shape[0]], device=local.device)))
     summed = all_reduce_sum(local.to(comm_device(local))).tolist()
@@ -141,25 +105,18 @@ def knn_counts(query_feats: torch.Tensor, query_labels: torch.Tensor, bank_feats
 
 @EVALUATORS.register("KNNEvaluator")
 class KNNEvaluator:
-    """Weighted k-NN accuracy of the encoder, as configured (metric names `knn@{k}{log_name}`).
+    """Weighted k-NN accuracy of the encoder (metrics `knn@{k}{log_name}`); `last_counts` holds the
+    last evaluation's `KNNCounts`. ConfigError for no k, or a k, batch, chunk or period below 1.
 
     Args:
-        distributed: features are gathered from all processes (given by the program).
-        num_classes: number of classes.
-        k: the k values.
-        temperature: T of the weights exp(sim / T).
-        use_weighting: weighted votes (true) or counts.
+        distributed: features are gathered from all processes (set by the program).
+        temperature: T of the weights exp(sim / T); `use_weighting` false: plain counts.
         max_feature_bank: cap on the bank size (30,000 for the online evaluation).
         apply_evaluator_per_epoch: run after every n-th epoch during training.
-        compute_sim_on_cpu: keep the bank in host memory and search on the CPU (GPU memory: the
-            encoder only); otherwise the bank is float16 on the GPU.
-        mute_tqdm: hide the progress bars.
+        compute_sim_on_cpu: bank in host memory, search on the CPU; else float16 on the GPU.
         log_name: suffix of the metric names (`_online`, `_final`).
-        query_batch_size: queries per search step.
-        bank_chunk_size: bank rows per matrix product (memory: query_batch_size x bank_chunk_size
-            float32 similarities plus one float32 chunk).
-
-    After `evaluate`, `last_counts` holds the `KNNCounts` of that evaluation.
+        query_batch_size, bank_chunk_size: queries per search step, bank rows per product (memory:
+            their product in float32 similarities, plus one float32 chunk).
     """
 
     def __init__(self, distributed: bool = False, num_classes: int = 1000, k: list[int] = (1, 10, 20),
@@ -198,10 +155,8 @@ class KNNEvaluator:
         """Nothing to check before reading data: any bank and query loaders will do."""
 
     def evaluate(self, encoder, bank_loader, query_loader, device, autocast=None, epoch=None) -> dict[str, float]:
-        """Extract the bank (gathered) and this process's queries, classify them, sum the counts.
-
-        Returns `{knn@k<log_name>: top-1 accuracy}` for each k, the same on every process.
-        """
+        """`{knn@k<log_name>: top-1 accuracy}` per k, the same on every process. DataError when the
+        bank holds fewer than max(k) samples or a label leaves [0, num_classes)."""
         where, dtype = bank_storage(device, self.compute_sim_on_cpu)
         bank_f, bank_l = extract_features(encoder, bank_loader, device, autocast, self.max_feature_bank,
                                           desc="k-NN bank", progress=self.progress, store_device=where,

@@ -1,12 +1,7 @@
-"""Linear probing (SPEC 6): linear heads on the frozen encoder.
-
-The encoder runs in eval mode without gradients. Several heads (hyperparameter sets) train in
-parallel from one encoder pass per batch; each head's lr = base * batch / 256; SGD (+ LARC); the
-cosine schedule is set once per epoch. Under several processes every head is wrapped in DDP (NCCL
-on GPUs, gloo on the CPU), so the processes' gradients are averaged as for one global batch.
-Validation features are computed once, each process keeping its own part of the val set, and the
-top-1 / top-5 counts are summed over the processes: every validation sample counts exactly once
-(the reference dropped the last partial batch).
+"""Linear probing: linear heads trained on the frozen encoder (eval mode, no gradients), several
+hyperparameter sets in parallel from one encoder pass per batch; lr = base * batch / 256, set once
+per epoch. Under several processes the heads are DDP-wrapped (one global batch), and the top-1 /
+top-5 counts are summed so every validation sample counts once, the last partial batch included.
 """
 
 from __future__ import annotations
@@ -48,8 +43,7 @@ class ProbeSettings:
 
 @dataclasses.dataclass
 class _Head:
-    """One head in training: its settings, model (DDP-wrapped under several processes), optimiser,
-    per-epoch schedule and peak learning rate."""
+    """One head in training; `model` is DDP-wrapped under several processes, `lr` is the peak."""
 
     settings: ProbeSettings
     model: nn.Module
@@ -67,18 +61,10 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
 
 @EVALUATORS.register("LinearProbingEvaluator")
 class LinearProbingEvaluator:
-    """Train linear heads on frozen features; metrics `linear_prob{log_name}_val_top_1` / `_top_5`.
-
-    Args:
-        distributed: heads are DDP-wrapped (given by the program).
-        hyperparams: one or more `ProbeSettings` mappings.
-        num_classes: number of classes.
-        mute_tqdm: hide the progress bars.
-
-    After `evaluate`, `last_total` holds the number of validation samples counted (all processes),
-    and `last_losses` each head's training loss per epoch (by log_name; the mean over all
-    processes' batches, as logged).
-    """
+    """Linear heads on frozen features (metrics `linear_prob{log_name}_val_top_1` / `_top_5`), one
+    per `hyperparams` entry (`ProbeSettings`; ConfigError for none); `distributed` is set by the
+    program. After `evaluate`: `last_total`, the validation samples counted over all processes, and
+    `last_losses`, each head's loss per epoch (by log_name, averaged over all processes)."""
 
     def __init__(self, distributed: bool = False, hyperparams: list[ProbeSettings] = (), num_classes: int = 1000,
                  mute_tqdm: bool = False):
@@ -101,9 +87,9 @@ class LinearProbingEvaluator:
         return epoch is None or after is None or epoch in after
 
     def check_loaders(self, train_loader, val_loader) -> None:
-        """Every head's batch must be its training loader's global batch (its lr is scaled by it);
-        under several processes that loader must be a training one (full batches, the same number
-        on every process), as each step all-reduces the heads' gradients."""
+        """ConfigError unless every head's batch is its training loader's global batch (its lr is
+        scaled by it) and, under several processes, that loader shuffles (full, equal batches on
+        every process, as each step all-reduces the gradients)."""
         if self.distributed and not train_loader.training:
             raise ConfigError("linear probe: with several processes its training loader (valid_dataloader with "
                               "train: true) needs shuffling (shuffle: true, or a shuffle buffer > 0 for "
@@ -124,11 +110,8 @@ class LinearProbingEvaluator:
         return _Head(settings, head, optimizer, build_block(settings.lr_scheduler, SCHEDULERS), lr)
 
     def evaluate(self, encoder, train_loader, val_loader, device, autocast=None, epoch=None) -> dict[str, float]:
-        """Train the heads due after `epoch` on the frozen encoder, then score them on the val set.
-
-        Returns `{linear_prob<log_name>_val_top_1: acc, ..._top_5: acc}` per head, the same on
-        every process.
-        """
+        """Train the heads due after `epoch` and score them on the val set; returns
+        `{linear_prob<log_name>_val_top_1: acc, ..._top_5: acc}` per head, the same on every process."""
         self.check_loaders(train_loader, val_loader)
         heads = [self._make_head(s, encoder.feature_dim, device) for s in self.settings if self._due(s, epoch)]
         if not heads:
@@ -155,9 +138,8 @@ class LinearProbingEvaluator:
 
     def _train_epoch(self, heads: list[_Head], epoch: int, encoder: nn.Module, loader, device: torch.device,
                      autocast) -> None:
-        """One pass over `loader`: one encoder pass per batch feeds every head. Each head's mean loss
-        is averaged over the processes (the same number of equal batches on each, as training
-        loaders make them), so the logged loss is the global batches', not rank 0's part."""
+        """One pass over `loader`, one encoder pass per batch feeding every head; each head's mean
+        loss is averaged over the processes, so the log shows the global batches' loss."""
         for h in heads:
             set_learning_rate(h.optimizer, h.schedule(epoch, h.lr))
             h.model.train()
@@ -190,10 +172,7 @@ class LinearProbingEvaluator:
     @torch.no_grad()
     def _accuracy(self, head: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
                   batch: int = 8192) -> tuple[float, float, int]:
-        """Top-1 and top-5 accuracy over this process's `feats` `[n, F]` and every other process's.
-
-        Returns (top-1, top-5, samples counted over all processes).
-        """
+        """(top-1, top-5, samples counted) over this process's `feats` `[n, F]` and every other's."""
         head = unwrap(head).eval()
         ks = (1, min(5, self.num_classes))
         counts = torch.zeros(3, dtype=torch.int64, device=feats.device)

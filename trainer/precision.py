@@ -1,5 +1,5 @@
-"""One mixed-precision path (SPEC 4): an autocast context and a loss scaler that is a no-op unless
-the run is float16, so backward, unscale, clip and step are written once."""
+"""One mixed-precision path: an autocast context and a loss scaler that is a no-op unless the run
+is float16, so backward, unscale, clip and step are written once."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""Preemption: SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) makes every process finish its current step, save
-a checkpoint that resumes exactly, and exit; under SLURM, SIGUSR1 (sent ahead of the time limit by
-`#SBATCH --signal=USR1@...`) also requeues the job, whose restart continues with `--resume auto`.
-A second Ctrl-C stops at once (KeyboardInterrupt), keeping the last checkpoint written."""
+"""Preemption: SIGTERM, SIGUSR1 or SIGINT makes every process finish its step, save a checkpoint
+that resumes exactly, and exit; under SLURM, SIGUSR1 (`#SBATCH --signal=USR1@...`) also requeues
+the job, which continues with `--resume auto`. A second Ctrl-C stops at once."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
-"""The run folder (SPEC 7): `save_dir/models/<name>/<MMDD_HHMMSS>/` with `config.yaml`,
-`latest_model.pth`, `checkpoint-epoch{E}.pth`, `metrics.jsonl` (one JSON object per step and per
-epoch), `results.json` and `train.log`. Only the main process writes here.
-
-`metrics.jsonl` is a log: a resume takes everything it needs from the checkpoint, so a torn or
-garbled line (a full disk during an append) is skipped with a warning, never fatal."""
+"""The run folder `save_dir/models/<name>/<MMDD_HHMMSS>/`: `config.yaml`, `latest_model.pth`,
+`checkpoint-epoch{E}.pth`, `metrics.jsonl` (a JSON object per step and per epoch), `results.json`,
+`train.log`; only the main process writes it. A resume needs only the checkpoint, so a torn line
+of `metrics.jsonl` is skipped with a warning."""
 
 from __future__ import annotations
 
@@ -65,10 +63,9 @@ class RunDir:
         return self.path / "train.log"
 
     def truncate_metrics(self, steps_done: int, epoch_recorded: bool = True) -> None:
-        """Cut the log back to a checkpoint taken at `steps_done` steps: drop the records of later
-        steps (logged by a run that died later), and the record of the checkpoint's own epoch when
-        the checkpoint was saved before that epoch's evaluation (`epoch_recorded` false: the resumed
-        run evaluates and records it again). Unreadable lines go as well."""
+        """Cut `metrics.jsonl` back to a checkpoint at `steps_done` steps: drop later steps'
+        records, unreadable lines and, unless `epoch_recorded`, the checkpoint's own epoch record
+        (saved before its evaluation, which the resumed run records again)."""
         if not self.metrics.is_file():
             return
         kept = [json.dumps(r) for r in self.read_metrics()
@@ -76,8 +73,8 @@ class RunDir:
         write_text_atomic(self.metrics, "".join(line + "\n" for line in kept))
 
     def read_metrics(self) -> list[dict]:
-        """The records of `metrics.jsonl` in order (none when it does not exist), without the lines
-        that are not a JSON object with a step, each skipped with a warning."""
+        """The records of `metrics.jsonl` in order; a line that is no JSON object with a `step` is
+        skipped with a warning."""
         if not self.metrics.is_file():
             return []
         records = []
@@ -104,8 +101,7 @@ class RunDir:
             raise write_error(self.metrics, err) from None
 
     def last_checkpoint(self) -> str:
-        """The newest checkpoint file here (complete: each is written whole, then renamed), or a
-        phrase saying there is none."""
+        """The newest checkpoint file here (each is complete), or a phrase saying there is none."""
         saved = sorted(self.path.glob("*.pth"), key=lambda p: p.stat().st_mtime)
         return str(saved[-1]) if saved else f"none yet in {self.path}"
 

@@ -1,17 +1,9 @@
-"""Experiment tracking with Sacred, as in the paper's code (SPEC 8), and the epoch summary line.
+"""Experiment tracking with Sacred, as in the paper's code, and the epoch summary line.
 
-`track(job, name, config, run_dir)` runs `job(tracker)` as the main function of a Sacred run. The
-run is recorded in `run_dir/sacred/1/` by a `FileStorageObserver` (no account needed):
-`run.json` (status RUNNING / COMPLETED / FAILED / INTERRUPTED with the traceback, host, times,
-the job's result), `config.json` (the resolved config) and `metrics.json` (everything sent to
-`tracker.log_scalar` / `log_metrics`, written at each heartbeat and at the end), with a copy of
-the project's Python files in `run_dir/sacred/_sources/`. With `neptune=True` the same run also
-goes to Neptune through `neptune-sacred`; the credentials come from the environment variables
-NEPTUNE_API_TOKEN and NEPTUNE_PROJECT, and Neptune is imported only then.
-
-Sacred runs a job as a function, so the job is handed over (`track(trainer.fit, ...)`) rather
-than wrapped in a `with` block: that way only Sacred's public API is used and Sacred itself
-records the start, the end and any failure.
+`track` runs a job as a Sacred run's main function (Sacred's public API then records the start,
+the end and any failure), observed by a `FileStorageObserver` in `run_dir/sacred/1/` (`run.json`,
+`config.json`, `metrics.json`; the sources in `run_dir/sacred/_sources/`) and, with
+`neptune=True`, by Neptune (credentials from NEPTUNE_API_TOKEN and NEPTUNE_PROJECT).
 """
 
 from __future__ import annotations
@@ -56,8 +48,7 @@ class TrackingError(ConfigError):
 
 
 class _Stopped(SacredInterrupt):
-    """A run stopped on request (`Preempted`: saved, to be resumed): Sacred records it INTERRUPTED
-    and logs a warning, where any other exception is a failure ('Failed after', FAILED)."""
+    """A run stopped on request (`Preempted`), which Sacred records INTERRUPTED, not FAILED."""
 
     STATUS = "INTERRUPTED"
 
@@ -67,8 +58,7 @@ class _Stopped(SacredInterrupt):
 
 
 class Tracker:
-    """Where the training loop sends its metrics: a Sacred run (and, through it, every observer of
-    the run), or nowhere (`Tracker()`, for the processes other than the main one)."""
+    """Where metrics go: a Sacred run (and its observers), or nowhere (`Tracker()`)."""
 
     def __init__(self, run: Optional[Run] = None):
         self._run = run
@@ -82,8 +72,8 @@ class Tracker:
             self._run.log_scalar(name, float(value), int(step))
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int, prefix: str = "") -> None:
-        """Log every finite number in `metrics` as `prefix + name` at `step`; the `step` and `epoch`
-        entries of a metrics.jsonl record, flags and text are left out."""
+        """Log every finite number in `metrics` as `prefix + name` at `step`, except flags and the
+        `step` and `epoch` entries."""
         for name, value in metrics.items():
             if name in SKIPPED_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
@@ -109,17 +99,11 @@ def check_neptune(environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
 
 def track(job: Callable[[Tracker], T], name: str, config: dict, run_dir: str | Path, neptune: bool = False,
           seed: Optional[int] = None, environ: Mapping[str, str] = os.environ) -> T:
-    """Run `job(tracker)` as a Sacred run recorded in `run_dir/sacred` (and on Neptune when asked);
-    return what the job returns. An exception in the job marks the run FAILED (a KeyboardInterrupt,
-    or a stop on request, `Preempted`, INTERRUPTED) and propagates.
-
-    Args:
-        name: the experiment's name (the run's name in Neptune).
-        config: the resolved config, recorded as the run's config.
-        seed: the seed the program used, recorded as Sacred's `seed` (default: the config's).
-            Sacred re-seeds the global generators when a run starts; their state is put back
-            before the job runs, so a tracked run computes exactly what an untracked one does.
-    """
+    """`job(tracker)`'s result, run as a Sacred run recorded in `run_dir/sacred` (and on Neptune when
+    asked); its exceptions propagate, marking the run FAILED (INTERRUPTED for KeyboardInterrupt and
+    `Preempted`). `seed` is recorded as Sacred's (default: the config's); the generators' state is put
+    back after Sacred re-seeds them, so a tracked run computes what an untracked one does.
+    TrackingError when Neptune cannot start; WriteError when Sacred cannot write its first records."""
     credentials = check_neptune(environ) if neptune else None
     experiment = Experiment(name, base_dir=str(ROOT), save_git_info=False)
     experiment.logger = _sacred_logger(name)
@@ -158,8 +142,7 @@ def track(job: Callable[[Tracker], T], name: str, config: dict, run_dir: str | P
 
 
 def _start_neptune(experiment: Experiment, name: str, api_token: str, project: str):
-    """Start a Neptune run (NEPTUNE_MODE=offline or debug is honoured by Neptune) and observe the
-    experiment with it."""
+    """A Neptune run observing `experiment` (Neptune honours NEPTUNE_MODE=offline or debug)."""
     import neptune
     from neptune_sacred import NeptuneObserver
 
@@ -169,8 +152,7 @@ def _start_neptune(experiment: Experiment, name: str, api_token: str, project: s
 
 
 class _MainProcessRecords(logging.Filter):
-    """Gives Sacred's records the `rank` field of the project's log format: a logger's filters do
-    not reach the records of its children, and tracking runs in the main process."""
+    """Gives Sacred's records the `rank` field of the log format (0: tracking runs on rank 0)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "rank"):
@@ -182,9 +164,8 @@ MAIN_PROCESS_RECORDS = _MainProcessRecords()
 
 
 def _sacred_logger(name: str) -> logging.Logger:
-    """Sacred's messages go through the project's logger (its routine ones, 'Running command',
-    'Completed after', stay out of the training log). Sacred logs on this logger and on its child
-    named after the experiment."""
+    """The project's logger for Sacred, warnings only ('Running command' and the like stay out);
+    the filter is added to its child named after the experiment too: Sacred logs there as well."""
     logger = logging.getLogger("groco.sacred")
     logger.setLevel(logging.WARNING)
     for source in (logger, logger.getChild(name)):
@@ -193,10 +174,9 @@ def _sacred_logger(name: str) -> logging.Logger:
 
 
 def epoch_summary(seconds: float, samples: int, device: Optional[torch.device] = None) -> str:
-    """One line on an epoch's cost for the log: its duration, throughput, the process's resident
-    memory and, on a GPU, the peak memory allocated by tensors (since the start or the last
-    `torch.cuda.reset_peak_memory_stats`). E.g. '17 minutes and 52 seconds, 1,193 samples/s,
-    host memory 21.3 GiB, GPU peak 27.9 GiB'."""
+    """One line on an epoch's cost: duration, throughput, resident memory and, on a GPU, the peak
+    tensor memory since the last `torch.cuda.reset_peak_memory_stats`, e.g. '2 minutes and 5
+    seconds, 8 samples/s, host memory 1.2 GiB, GPU peak 3.4 GiB'."""
     parts = [
         humanize.precisedelta(datetime.timedelta(seconds=seconds), minimum_unit="seconds", format="%0.0f"),
         f"{samples / seconds:,.0f} samples/s" if seconds > 0 else "- samples/s",

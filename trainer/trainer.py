@@ -1,11 +1,7 @@
-"""The self-supervised training loop (SPEC 4, 6, 7).
+"""The self-supervised training loop (docs/reference.md §4, §6, §7).
 
-Per step: the learning rate from the schedule at the global step, forward under autocast, the loss
-in float32, one backward / unscale / clip / step path, and the metrics kept on the device. Every
-`log_step` steps (and at the end of an epoch) the metrics are read back in one transfer, written
-to `metrics.jsonl` and checked: a non-finite loss stops the run before anything is saved, so the
-last good checkpoint stays. After each epoch: checkpoint, then the evaluators that are due.
-"""
+Metrics stay on the device and are read back every `log_step` steps in one transfer; a non-finite
+loss then stops the run before anything is saved, so the last good checkpoint stays."""
 
 from __future__ import annotations
 
@@ -51,20 +47,20 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass
 class Evaluation:
-    """An evaluator with the loaders it reads: `train` (k-NN bank / probe training) and `val`."""
+    """An evaluator with its loaders: `train_loader` (k-NN bank, probe training) and `val_loader`
+    (k-NN queries, probe validation)."""
 
     evaluator: Any
-    train: Any
-    val: Any
+    train_loader: Any
+    val_loader: Any
 
 
 class Trainer:
-    """Runs the epochs of one training; `fit()` returns the metrics `{initial, final, epochs}`.
-    `schedule` maps the global step to its learning rate (`utils.optim.cosine_with_warmup`)."""
+    """One training run; `schedule` maps the global step to its learning rate."""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer, schedule: Callable[[int], float], train_loader,
                  evaluations: list[Evaluation], settings: TrainerSettings, precision: Precision,
-                 proc: ProcessInfo, run: Optional[RunDir], config: dict, data_seed: int):
+                 proc: ProcessInfo, run_dir: Optional[RunDir], config: dict, data_seed: int):
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -74,7 +70,7 @@ class Trainer:
         self.settings = settings
         self.precision = precision
         self.proc = proc
-        self.run = run
+        self.run_dir = run_dir
         self.config = config
         self.data_seed = data_seed
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -88,7 +84,7 @@ class Trainer:
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.start_epoch = 0
         self.start_step = 0  # batches of start_epoch already done (a run preempted mid-epoch)
-        self.step = 0
+        self.global_step = 0  # optimisation steps done: the checkpoint's `step`
         # what a resume continues from, saved in every checkpoint: the results so far, the train
         # metrics of an epoch saved before its evaluation (None once recorded), and the running
         # loss sum of the epoch in progress
@@ -105,7 +101,7 @@ class Trainer:
         net = unwrap(self.model)
         return {
             "epoch": epoch,
-            "step": self.step,
+            "step": self.global_step,
             "epoch_step": epoch_step,
             "encoder": net.encoder.state_dict(),
             "projection": net.projection.state_dict(),
@@ -120,10 +116,9 @@ class Trainer:
         }
 
     def restore(self, checkpoint: dict, path: str) -> None:
-        """Continue after the checkpoint's epoch with its step count (not step + 1: SPEC 7). Every
-        part is checked against this run's model and optimiser before any is loaded: a mismatch is a
-        CheckpointError naming the keys and shapes, with nothing changed. The checkpoint alone is
-        enough: the results so far and the state of an unfinished epoch come from it."""
+        """Continue at the checkpoint's epoch + 1 (or mid-epoch) with its step count unchanged: it is
+        the next step's index, so no schedule step is skipped. Everything is checked before anything
+        is loaded: a mismatch is a CheckpointError naming keys and shapes, with nothing changed."""
         net = unwrap(self.model)
         check_module_state(net.encoder, checkpoint["encoder"], f"{path}: encoder")
         check_module_state(net.projection, checkpoint["projection"], f"{path}: projection")
@@ -137,7 +132,7 @@ class Trainer:
             set_rng_state(checkpoint["rng"])
         self.start_epoch = checkpoint["epoch"] + 1
         self.start_step = checkpoint.get("epoch_step", 0)
-        self.step = checkpoint.get("step", self.start_epoch * len(self.loader))
+        self.global_step = checkpoint.get("step", self.start_epoch * len(self.loader))
         if "results" in checkpoint:
             self.results = copy.deepcopy(checkpoint["results"])
             self.unrecorded = checkpoint["unrecorded"]
@@ -146,19 +141,18 @@ class Trainer:
             log.info("%s holds no results (a released checkpoint or an older one): this run's results start "
                      "after it", path)
         log.info("resumed from %s: epoch %d done%s, %d steps", path, checkpoint["epoch"],
-                 f" and {self.start_step} batches of the next" if self.start_step else "", self.step)
+                 f" and {self.start_step} batches of the next" if self.start_step else "", self.global_step)
 
-    def attach(self, run: Optional[RunDir], in_place: bool) -> None:
-        """Write to `run` from now on (None on the processes without the run folder). When the run
-        continues in its own folder, the periodic checkpoint of the epoch it resumes after is
-        written again if a kill cut it short: the state restored is the state that was saved."""
-        self.run = run
+    def attach(self, run_dir: Optional[RunDir], in_place: bool) -> None:
+        """Write to `run_dir` from now on (None on the processes without the run folder). Continuing
+        in place, the periodic checkpoint of the resumed epoch is written again if a kill lost it."""
+        self.run_dir = run_dir
         epoch = self.start_epoch - 1
-        if run is None or not in_place or self.start_step or epoch < 0 or not self._periodic(epoch):
+        if run_dir is None or not in_place or self.start_step or epoch < 0 or not self._periodic(epoch):
             return
-        if not run.checkpoint(epoch).is_file():
-            save_checkpoint(self.state_dict(epoch), run.checkpoint(epoch))
-            log.info("wrote %s again: it was missing", run.checkpoint(epoch))
+        if not run_dir.checkpoint(epoch).is_file():
+            save_checkpoint(self.state_dict(epoch), run_dir.checkpoint(epoch))
+            log.info("wrote %s again: it was missing", run_dir.checkpoint(epoch))
 
     def _periodic(self, epoch: int) -> bool:
         return bool(self.settings.save_period) and (epoch + 1) % self.settings.save_period == 0
@@ -166,40 +160,38 @@ class Trainer:
     def _save_preempted(self, epoch: int, epoch_step: int) -> None:
         """Every process, after agreeing to stop mid-epoch: rank 0 saves, all wait for it, all raise."""
         path = None
-        if self.run is not None:
-            path = self.run.checkpoint()
+        if self.run_dir is not None:
+            path = self.run_dir.checkpoint()
             save_checkpoint(self.state_dict(epoch - 1, epoch_step), path)
             log.info("saved %s after %d of %d batches of epoch %d", path, epoch_step, len(self.loader), epoch)
         barrier()  # none may exit (and, under SLURM, requeue the job) before the checkpoint is on disk
         raise self._preempted()
 
     def _preempted(self) -> Preempted:
-        """What ends a stopped run: its cause (`_stop_cause`, a collective) and the checkpoint it
-        continues from (None on the processes without the run folder)."""
-        return Preempted(self._stop_cause(), str(self.run.checkpoint()) if self.run else None)
+        """The exception that ends a stopped run (a collective, via `_stop_cause`)."""
+        return Preempted(self._stop_cause(), str(self.run_dir.checkpoint()) if self.run_dir else None)
 
     def _stop_cause(self) -> int:
-        """The signal that stopped the run, the same on every process: SIGUSR1 (SLURM's warning
-        before the time limit, which asks for a requeue) if any process received it, else this
-        process's own (0 when only another process received one). A collective."""
+        """The stopping signal, a collective: SIGUSR1 (SLURM's requeue warning) if any process got
+        it, else this process's own (0 when only another process got one)."""
         if SIGUSR1 is not None and any_process(self.stop.signum == SIGUSR1):
             return SIGUSR1
         return self.stop.signum or 0
 
     def save(self, epoch: int) -> None:
-        if self.run is None:
+        if self.run_dir is None:
             return
         state = self.state_dict(epoch)
         if self.settings.save_latest:
-            save_checkpoint(state, self.run.checkpoint())
+            save_checkpoint(state, self.run_dir.checkpoint())
         if self._periodic(epoch):
-            save_checkpoint(state, self.run.checkpoint(epoch))
+            save_checkpoint(state, self.run_dir.checkpoint(epoch))
 
     # ------------------------------------------------------------------ loop
 
     def fit(self, tracker: Optional[Tracker] = None) -> dict:
-        """Train the remaining epochs, sending metrics to `tracker`; returns the results `{initial,
-        final, epochs}`. Raises `Preempted` after saving when a stop signal came."""
+        """Train the remaining epochs; returns `{initial, final, epochs}`. Raises `Preempted`, after
+        saving, on a stop signal, and NonFiniteLossError on a NaN or infinite loss."""
         self.tracker = tracker or Tracker()
         resumed = self.start_epoch > 0 or self.start_step > 0
         if self.settings.init_val and resumed:
@@ -207,7 +199,7 @@ class Trainer:
                      self.results["initial"] or "none")
         elif self.settings.init_val:
             self.results["initial"] = self.evaluate(-1)
-            self._record({"epoch": -1, "step": self.step, "initial": True, **self.results["initial"]})
+            self._record({"epoch": -1, "step": self.global_step, "initial": True, **self.results["initial"]})
         with self.stop:
             if self.unrecorded is not None:  # saved before its evaluation, which a stop cut off
                 self._evaluate_and_record(self.start_epoch - 1)
@@ -216,13 +208,13 @@ class Trainer:
         return self.results
 
     def _fit_epoch(self, epoch: int) -> None:
-        """Train, save, evaluate and record one epoch. The checkpoint is written before the
-        evaluation (a stop during it loses no training) and, when an evaluator ran, again after it."""
+        """Train, save, evaluate, record. Saved before the evaluation too, so a stop during it loses
+        no training."""
         start = time.perf_counter()
         train_metrics = self.train_epoch(epoch)
         log.info("epoch %d trained: %s", epoch, epoch_summary(
             time.perf_counter() - start, len(self.loader) * self.loader.global_batch_size, self.proc.device))
-        self.unrecorded = {"epoch": epoch, "step": self.step, **train_metrics}
+        self.unrecorded = {"epoch": epoch, "step": self.global_step, **train_metrics}
         due = self._due_evaluators(epoch)
         if not due:
             self._add_epoch_record(self.unrecorded)
@@ -240,7 +232,7 @@ class Trainer:
         self._add_epoch_record({**self.unrecorded, **self.evaluate(epoch)})
 
     def _add_epoch_record(self, record: dict) -> None:
-        """Log and write an epoch's record; it is the results' last epoch and their final metrics."""
+        """Log and write an epoch's record, which becomes the results' final metrics."""
         self._record(record)
         self.results["epochs"].append(record)
         self.results["final"] = {k: v for k, v in record.items() if k not in ("epoch", "step")}
@@ -249,8 +241,8 @@ class Trainer:
     def _record(self, record: dict) -> None:
         log.info("epoch %s: %s", record["epoch"], ", ".join(f"{k}={_fmt(v)}" for k, v in record.items()
                                                            if k not in ("epoch",)))
-        if self.run is not None:
-            self.run.append_metrics([record])
+        if self.run_dir is not None:
+            self.run_dir.append_metrics([record])
         self.tracker.log_metrics(record, step=record["epoch"] + 1, prefix="epoch/")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -267,11 +259,11 @@ class Trainer:
         window_start = time.perf_counter()
         with self._batches(epoch, first) as batches:
             for i, views in enumerate(batches, start=first):
-                lr = self.schedule(self.step)
+                lr = self.schedule(self.global_step)
                 set_learning_rate(self.optimizer, lr)
                 loss, info, grad_norm = self.train_step(views)
-                pending.append((self.step, lr, _metrics_row(loss, grad_norm, info), list(info)))
-                self.step += 1
+                pending.append((self.global_step, lr, _metrics_row(loss, grad_norm, info), list(info)))
+                self.global_step += 1
                 bar.update(global_batch)
                 stop = self.stop.requested()
                 if len(pending) >= self.settings.log_step or i == steps - 1 or stop:
@@ -284,11 +276,11 @@ class Trainer:
         bar.close()
         if totals["steps"] == 0:
             raise RuntimeError(f"epoch {epoch}: the training loader yielded no batch")
-        return {"train_loss": totals["loss"] / totals["steps"], "lr": self.schedule(self.step - 1)}
+        return {"train_loss": totals["loss"] / totals["steps"], "lr": self.schedule(self.global_step - 1)}
 
     def _batches(self, epoch: int, first: int) -> contextlib.AbstractContextManager:
-        """The epoch's views, from batch `first` on. With `augment_on: gpu` the next batch is decoded
-        and augmented on a background thread and CUDA stream while the current one trains."""
+        """The epoch's views from batch `first` on; with `augment_on: gpu` the next batch is prepared
+        on a background thread and CUDA stream."""
         if self.loader.gpu_recipe is None:
             return contextlib.nullcontext(views for views, _ in self.loader)
         return Prefetcher(self.loader, lambda batch, j: self._gpu_views(*batch, epoch, first + j), self.proc.device)
@@ -314,24 +306,21 @@ class Trainer:
 
     def _gpu_views(self, batch: ImageFiles | PackedImages, labels: torch.Tensor, epoch: int,
                    step: int) -> list[torch.Tensor]:
-        """`augment_on: gpu`: decode the batch's JPEG files (unless the workers did: `decode_on:
-        cpu`) and augment them on the device, with randomness that depends only on (seed, epoch,
-        step, rank). An undecodable file is replaced by a copy of another file of the batch, so
-        that every process keeps its batch size."""
+        """Decode (unless `decode_on: cpu`) and augment on the device, seeded by (seed, epoch, step,
+        rank). An undecodable file is replaced by another of the batch: batch sizes stay equal."""
         generator = batch_generator(self.data_seed + 2, epoch, step, self.proc.rank)
         return gpu_views(batch, labels, self.loader.gpu_recipe, self.proc.device, generator,
                          where=f"epoch {epoch}, step {step}")[0]
 
     def _flush(self, pending: list[tuple], epoch: int, rate: float, totals: dict, bar: tqdm) -> None:
-        """Average the pending steps' metrics over the processes, read them back in one transfer,
-        check them, write them. Each process's loss (and similarity statistics) is the mean over
-        its part of the global batch, the parts are equal, so the average is the global batch's:
-        what one process on the whole batch logs. A non-finite loss anywhere stops every process."""
+        """Average the pending steps' metrics over the processes (equal parts of the global batch,
+        so the global batch's mean), read them back in one transfer, check and write them.
+        NonFiniteLossError on every process when any loss is NaN or infinite."""
         info_keys = pending[0][3]
         rows = torch.stack([p[2] for p in pending])  # [steps, 2 + len(info_keys)], this process's
         values = all_reduce_mean(rows).cpu()
         if not torch.isfinite(values[:, 0]).all():
-            where = self.run.checkpoint() if self.run else "none"
+            where = self.run_dir.checkpoint() if self.run_dir else "none"
             raise NonFiniteLossError(
                 f"the loss became non-finite in epoch {epoch} (steps {pending[0][0]}-{pending[-1][0]}); "
                 f"stopping. The last good checkpoint stays: {where}"
@@ -347,33 +336,32 @@ class Trainer:
         window = dict(zip(["loss", "grad_norm", *info_keys], values.mean(0).tolist()))
         self.tracker.log_metrics({**window, "lr": pending[-1][1], "samples_per_s": rate}, step=pending[-1][0],
                                  prefix="train/")
-        if self.run is not None:
-            self.run.append_metrics(records)
+        if self.run_dir is not None:
+            self.run_dir.append_metrics(records)
 
     # ------------------------------------------------------------------ evaluation
 
-    def _when(self, epoch: int) -> Optional[int]:
-        """The epoch the evaluators are asked about: None (everything, as a stand-alone evaluation)
-        after the last one, so that the final results hold every evaluator whatever its period."""
+    def _evaluator_epoch(self, epoch: int) -> Optional[int]:
+        """The epoch the evaluators are asked about; None (all are due) after the last one, so the
+        final results hold every evaluator whatever its period."""
         return None if epoch == self.settings.epochs - 1 else epoch
 
     def _due_evaluators(self, epoch: int) -> list[Evaluation]:
-        return [ev for ev in self.evaluations if ev.evaluator.due(self._when(epoch))]
+        return [ev for ev in self.evaluations if ev.evaluator.due(self._evaluator_epoch(epoch))]
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """Run the evaluators due after `epoch` (-1: before training; after the last epoch, all of
-        them) on the encoder."""
+        """Run the evaluators due after `epoch` (-1: before training) on the encoder."""
         encoder = unwrap(self.model).encoder
         metrics: dict[str, float] = {}
         for ev in self._due_evaluators(epoch):
             log.info("%s after epoch %d: evaluating", type(ev.evaluator).__name__, epoch)
             start = time.perf_counter()
-            for loader in (ev.train, ev.val):
+            for loader in (ev.train_loader, ev.val_loader):
                 loader.set_epoch(max(epoch, 0))
             # float32 features whatever the training precision, as the reference's evaluators and
             # eval.py: the online k-NN and the probe after the last epoch are the paper's numbers
-            metrics.update(ev.evaluator.evaluate(encoder, ev.train, ev.val, self.proc.device, None,
-                                                 epoch=self._when(epoch)))
+            metrics.update(ev.evaluator.evaluate(encoder, ev.train_loader, ev.val_loader, self.proc.device, None,
+                                                 epoch=self._evaluator_epoch(epoch)))
             log.info("%s after epoch %d took %.1f s", type(ev.evaluator).__name__, epoch,
                      time.perf_counter() - start)
         self.model.train()
