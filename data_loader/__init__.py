@@ -1,6 +1,6 @@
-"""Dataloaders (SPEC 5): transform recipes, WebDataset shards, image folders, bundled digits."""
+"""Dataloaders (`docs/reference.md §5`): recipes, WebDataset shards, image folders, bundled digits."""
 
 from data_loader import digits, folder, transforms, webdata  # noqa: F401  (registers the config types)
-from data_loader.base import LoaderRuntime
+from data_loader.base import Loader, LoaderRuntime
 
-__all__ = ["LoaderRuntime"]
+__all__ = ["Loader", "LoaderRuntime"]

@@ -1,30 +1,17 @@
-"""What every dataloader type shares (SPEC 5, loader semantics).
-
-A loader is built from its config block's args plus a `LoaderRuntime` (rank, world size, seed).
-It yields batches `(views, labels)`: `views` a list of `n_augs` float tensors `[b, 3, H, W]` (one per
-view, in view order) and `labels` an int64 tensor `[b]`, with b = batch_size / world_size (the
-config's `batch_size` is the global batch).
-
-Training loaders (`train: true` with shuffling) drop the last partial batch and run the same number
-of steps on every process; evaluation loaders yield every sample exactly once across processes,
-process r holding a contiguous part of the dataset so that gathering in rank order restores the
-dataset order. `set_epoch(e, start_step=i)` reshuffles and starts the next pass at batch i: the
-order and the augmentations of epoch e depend only on (seed, e, rank), so a run resumed mid-epoch
-sees the same batches as an uninterrupted one.
-"""
+"""What every loader type shares: the `Loader` contract, the process split, seeding, workers."""
 
 from __future__ import annotations
 
+import abc
 import atexit
 import dataclasses
-import math
 import multiprocessing
 import multiprocessing.resource_tracker
 import multiprocessing.util  # its exit function registered before ours, so run after it
 import os
 import random
 import signal
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
@@ -32,22 +19,13 @@ from torch.utils.data import DataLoader
 
 from utils.config import ConfigError
 
+if TYPE_CHECKING:
+    from data_loader.gpu_augment import GpuRecipe
+
 
 class DataError(ConfigError):
-    """The data a loader's config names is not there, cannot fill its batches, or does not fit its
-    evaluator. Reported like a bad config value (one line, exit status 2); found before a run
-    folder is made where the files tell (`check_data`), otherwise when the data is read."""
-
-
-def check_data(loaders, evaluated=()) -> None:
-    """Raise DataError if any of `loaders` would find its data missing (image folders are scanned,
-    local shard files looked up), or if a loader of `evaluated` ((loader, num_classes, key)
-    triples: it feeds an evaluator of num_classes classes, set at config key `key`) has images
-    without classes or with more classes; dry runs skip this."""
-    for loader in loaders:
-        loader.check_data()
-    for loader, num_classes, key in evaluated:
-        loader.check_data(num_classes=num_classes, key=key)
+    """The data a loader's config names is missing, cannot fill a batch, or does not fit its
+    evaluator. Reported like a bad config value (one line, exit status 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +37,97 @@ class LoaderRuntime:
     seed: int = 0
 
 
+class Loader(abc.ABC):
+    """A dataloader config type (`docs/reference.md §5`), built from its config args and a `LoaderRuntime`.
+
+    Iterating yields batches `(views, labels)`: `views` n_augs float32 tensors `[b, 3, H, W]` in
+    view order, `labels` int64 `[b]` (-1: unlabelled), b = `batch_size` = `global_batch_size` (the
+    config's) / world_size, or fewer at the end of an evaluation pass. With `gpu_recipe` set, `views`
+    is the b files (`PackedFiles`) or decoded images (`PackedImages`) for `gpu_augment.gpu_views`.
+
+    `training` (train: true with shuffling): `len(self)` full batches on every process (the losses'
+    collectives need all at every step), process r taking its slice of each global batch. Otherwise
+    an evaluation pass: every sample once over all processes, process r a contiguous part
+    (`balanced_part`), so gathering in rank order gives a fixed order (the dataset's, but for
+    `web_dataloader` with several workers). Building reads no data.
+
+    Shared config args: `batch_size` (global); `train` (the training split; a training pass with
+    shuffling); `transform_type` (`data_loader.recipes`) and its `n_augs` views; `num_workers`
+    (DataLoader workers per process); `augment_on` and `decode_on`: 'cpu' (the workers) or 'gpu'
+    (the trainer, training only, `data_loader.gpu_augment`), decode_on by default augment_on.
+    """
+
+    gpu_recipe: Optional[GpuRecipe] = None
+
+    def __init__(self, runtime: LoaderRuntime, batch_size: int, training: bool, n_augs: int):
+        self.runtime = runtime
+        self.global_batch_size = batch_size
+        self.batch_size = per_process_batch(batch_size, runtime.world_size)
+        self.training = training
+        self.n_augs = n_augs
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Make the next pass epoch `epoch`'s, from batch `start_step` on. Its order and views
+        depend only on (seed, epoch, rank), so a resumed epoch yields what an uninterrupted one
+        would have (worker-fed loaders read and drop the batches before `start_step`)."""
+        self.epoch, self.start_step = epoch, start_step
+
+    @property
+    @abc.abstractmethod
+    def num_samples(self) -> int:
+        """Samples in the split, all processes together."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Batches of a whole epoch on this process (`start_step` not subtracted): the same on every
+        process in training; this process's own count in evaluation."""
+
+    @abc.abstractmethod
+    def check_data(self, num_classes: Optional[int] = None, key: str = "num_classes") -> None:
+        """Raise DataError if the data is missing, or, with `num_classes` (the loader feeds an
+        evaluator of that many classes, set at config key `key`), unlabelled or of more classes."""
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator:
+        """The batches of the current epoch from `start_step` on."""
+
+
+def check_data(loaders, evaluated=()) -> None:
+    """`Loader.check_data` of each of `loaders`, and of each (loader, num_classes, key) of
+    `evaluated`, before a run folder is made; dry runs skip it."""
+    for loader in loaders:
+        loader.check_data()
+    for loader, num_classes, key in evaluated:
+        loader.check_data(num_classes=num_classes, key=key)
+
+
 def per_process_batch(batch_size: int, world_size: int, path: str = "batch_size") -> int:
-    """The per-process batch; a global batch that the process count does not divide is an error."""
+    """The per-process batch; ConfigError when the process count does not divide the global batch."""
     if batch_size < 1 or batch_size % world_size != 0:
         raise ConfigError(f"{path}: {batch_size} (the global batch) does not divide by the {world_size} processes")
     return batch_size // world_size
+
+
+def balanced_part(n: int, rank: int, world_size: int, round_up: bool = False) -> range:
+    """The contiguous part of range(n) that process `rank` evaluates: from rank * n / world_size to
+    (rank + 1) * n / world_size, rounded down (shards, `web_dataloader`: 5 over 2 processes are 2 + 3)
+    or `round_up` (samples, the other loaders: 13 are 7 + 6). The parts cover every item once, in
+    rank order, and differ in length by at most one."""
+    if round_up:
+        return range(-(-rank * n // world_size), -(-(rank + 1) * n // world_size))
+    return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+
+def train_indices(n: int, global_batch: int, epoch_gen: torch.Generator, rank: int, world_size: int,
+                  shuffle: bool) -> list[torch.Tensor]:
+    """This process's sample indices for each of the `n // global_batch` steps of an epoch: its slice
+    of each global batch of `epoch_gen`'s permutation (or the dataset order), the same everywhere."""
+    order = torch.randperm(n, generator=epoch_gen) if shuffle else torch.arange(n)
+    local = global_batch // world_size
+    steps = n // global_batch
+    return [order[s * global_batch + rank * local: s * global_batch + (rank + 1) * local] for s in range(steps)]
 
 
 def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
@@ -72,27 +136,26 @@ def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
 
 
 def batch_generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
-    """A CPU generator for one batch, depending only on (seed, epoch, step, rank), so that any batch
-    can be produced without producing the ones before it."""
+    """A CPU generator that depends only on (seed, epoch, step, rank): any batch can be made alone."""
     return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1009 + rank) % (2**63 - 1))
 
 
-def own_randomness(batches: Iterator, generator: torch.Generator, in_process: bool) -> Iterator:
-    """`batches` (a DataLoader's iterator) with randomness of their own when their CPU recipe runs
-    `in_process` (no workers).
+def loader_batches(dataset, seeds: torch.Generator, num_workers: int, cpu_recipe: bool, sampler=None) -> Iterator:
+    """The batches of `dataset` (which makes whole batches) through a DataLoader of `num_workers`
+    workers seeded from `seeds` (started by `start_workers`), pinned where CUDA is, as a generator.
+    A `cpu_recipe` run without workers draws from `isolate_global_rngs`."""
+    loader = DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, generator=seeds,
+                        worker_init_fn=init_worker, pin_memory=torch.cuda.is_available())
+    batches = start_workers(loader)
+    if cpu_recipe and num_workers == 0:
+        return isolate_global_rngs(batches, seeds)
+    return (batch for batch in batches)  # a generator: its close() ends the workers at once
 
-    Workers draw from their own generators, which the DataLoader seeds from `generator`. Without
-    workers the recipe runs in this process and draws from its global generators (Python, NumPy,
-    torch's CPU one), which every process seeds alike and a resume restores. So while a batch is
-    made, those are swapped for the pass's own, seeded from `generator` like a worker's, and put
-    back afterwards: the views depend on (seed, epoch, rank) alone (a resumed epoch, which reads
-    and drops its earlier batches, repeats them exactly; processes draw different crops), and the
-    process's own generators are left as they were. Loaders whose files are augmented on the GPU
-    draw nothing here, and are read on the prefetching thread: they pass `in_process` false.
-    """
-    if not in_process:
-        yield from batches
-        return
+
+def isolate_global_rngs(batches: Iterator, generator: torch.Generator) -> Iterator:
+    """`batches`, each made with the global generators (Python, NumPy, torch) in a state of this
+    pass's own, seeded from `generator` like a worker's, then restored: a recipe run in this
+    process would otherwise draw alike on every process and depend on what drew before."""
     seed = int(torch.randint(2**62, (), generator=generator))
     own = None
     while True:
@@ -113,17 +176,6 @@ def own_randomness(batches: Iterator, generator: torch.Generator, in_process: bo
         yield batch
 
 
-def loader_batches(dataset, seeds: torch.Generator, num_workers: int, in_process: bool, sampler=None) -> Iterator:
-    """The batches of `dataset` (which makes whole batches) through a DataLoader of `num_workers`
-    workers seeded from `seeds`, as every loader type reads its data: the workers ignore the stop
-    signals from their start (`start_workers`, `init_worker`) and end cleanly; batches are pinned
-    where CUDA is (they copy to the GPU asynchronously); and the recipe draws from randomness of
-    its own when it runs `in_process` (`own_randomness`)."""
-    loader = DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, generator=seeds,
-                        worker_init_fn=init_worker, pin_memory=torch.cuda.is_available())
-    return own_randomness(start_workers(loader), seeds, in_process)
-
-
 def _global_states() -> tuple:
     return random.getstate(), np.random.get_state(), torch.get_rng_state()
 
@@ -142,16 +194,12 @@ def _worker_signals() -> set:
 
 
 def start_workers(loader: DataLoader) -> Iterator:
-    """`iter(loader)`, its worker processes started with the stop signals blocked: they inherit
-    the mask and hold any such signal pending until `init_worker` has set them to be ignored. A
-    stop signal in the moment a worker starts (a forked one within milliseconds; a spawned one
-    imports torch first) would otherwise kill it, and the training process could not save. The
-    calling thread gets the signals it held back as soon as the workers are started."""
+    """`iter(loader)` with the stop signals blocked while its workers start, so that one arriving
+    before `init_worker` ignores them cannot kill a worker (the trainer could then not save)."""
     if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # Windows has no signal masks
         return iter(loader)
     if (loader.multiprocessing_context or multiprocessing.get_context()).get_start_method() != "fork":
-        # multiprocessing starts its resource tracker with the first worker not forked, and
-        # unblocks SIGINT and SIGTERM after it, whatever the mask was: start it first
+        # the resource tracker, started with the first worker not forked, unblocks SIGINT and SIGTERM
         multiprocessing.resource_tracker.ensure_running()
     before = signal.pthread_sigmask(signal.SIG_BLOCK, _worker_signals())
     try:
@@ -161,21 +209,9 @@ def start_workers(loader: DataLoader) -> Iterator:
 
 
 def init_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`.
-
-    - The stop signals reach the loader's worker processes too (a terminal's Ctrl-C, SLURM's
-      SIGUSR1 and SIGTERM): they ignore them and keep feeding the training process, which
-      finishes its step and saves (trainer.preemption). A forked worker would otherwise run a
-      copy of the trainer's handler, a spawned one die. They start with the signals blocked
-      (`start_workers`), which closes the moment before this. Their own process ends them when it
-      stops the iterator, or kills them when it exits (`end_workers_at_exit`).
-    - A worker started by spawn or forkserver (the default on macOS, and on Linux from Python
-      3.14) ends as a forked one does, at once, without finalising its interpreter. The
-      DataLoader stops its workers without draining their queues; a queue's thread still sharing
-      a tensor while the interpreter finalises aborts the worker ("terminate called without an
-      active exception", then "DataLoader worker ... is killed by signal: Aborted" at every
-      epoch's end). A forked worker never gets here: multiprocessing ends it with `os._exit`.
-    """
+    """DataLoader `worker_init_fn`: ignore the stop signals (the workers feed the trainer while it
+    saves, trainer.preemption) and exit with `os._exit` as forked workers do: a spawned worker
+    finalising while a queue thread shares a tensor aborts."""
     signums = _worker_signals()
     for signum in signums:
         signal.signal(signum, signal.SIG_IGN)  # discards those held pending since the start
@@ -185,17 +221,8 @@ def init_worker(worker_id: int) -> None:
 
 
 def end_workers_at_exit() -> None:
-    """Registered with atexit in every process that imports this module, so run before
-    multiprocessing's own exit function.
-
-    A process that exits while a loader's iterator is alive (a crash mid-epoch, whose traceback
-    holds it; an iterator kept in a variable) leaves the loader's workers to multiprocessing,
-    which sends its daemonic children SIGTERM and waits for them. Ours ignore SIGTERM
-    (`init_worker`), so the process would wait forever: the daemonic children still alive are
-    killed instead (multiprocessing has no other way to tell a DataLoader's workers; a daemonic
-    child gets no clean exit either way). The DataLoader's check for workers killed by a signal
-    (its SIGCHLD handler) is switched off first: nothing needs it at exit.
-    """
+    """Kill the daemonic children left at exit (a loader iterator still alive): multiprocessing would
+    send them SIGTERM, which the workers ignore, and wait forever."""
     children = [p for p in multiprocessing.active_children() if p.daemon]
     if not children:
         return
@@ -207,21 +234,4 @@ def end_workers_at_exit() -> None:
         child.join()
 
 
-atexit.register(end_workers_at_exit)
-
-
-def eval_shard(n: int, rank: int, world_size: int) -> range:
-    """The contiguous part of n evaluation samples that process `rank` handles (all n are covered
-    exactly once; later processes may hold one fewer)."""
-    per = math.ceil(n / world_size)
-    return range(min(rank * per, n), min((rank + 1) * per, n))
-
-
-def train_indices(n: int, global_batch: int, epoch_gen: torch.Generator, rank: int, world_size: int,
-                  shuffle: bool) -> list[torch.Tensor]:
-    """The local sample indices of every training step of one epoch: the same global permutation
-    on every process, `n // global_batch` full steps, each process its slice of each global batch."""
-    order = torch.randperm(n, generator=epoch_gen) if shuffle else torch.arange(n)
-    local = global_batch // world_size
-    steps = n // global_batch
-    return [order[s * global_batch + rank * local: s * global_batch + (rank + 1) * local] for s in range(steps)]
+atexit.register(end_workers_at_exit)  # registered after multiprocessing's, so run before it

@@ -1,6 +1,5 @@
-"""Image decoding: one file with PIL (`decode_image`, what the loader workers do), a batch of files on
-a device (`decode_batch`: nvJPEG on CUDA, PIL for the files it does not take), and what training
-does with an undecodable file of a batch decoded there (`decode_training_batch`)."""
+"""Image decoding: one file with PIL (`decode_image`, in the loader workers), a batch on a device
+(`decode_batch`: nvJPEG on CUDA), and training's repair of a batch (`decode_training_batch`)."""
 
 from __future__ import annotations
 
@@ -25,11 +24,8 @@ class UndecodableImageError(ValueError):
 
 
 def decode_image(data: bytes, source: str) -> Image.Image:
-    """Decode image bytes (JPEG, PNG, ... whatever the name says) into an RGB PIL image.
-
-    CMYK, grayscale, palette and RGBA images are converted to RGB. Raises UndecodableImageError
-    naming `source` when the bytes are not a complete image.
-    """
+    """Image bytes of any format PIL reads -> an RGB PIL image, decoded now; UndecodableImageError
+    naming `source` when they are not a complete image."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes now: a truncated file fails here, not inside a transform
@@ -47,9 +43,8 @@ class BatchDecodeError(UndecodableImageError):
 
 
 def jpeg_components(data: bytes | memoryview) -> int | None:
-    """The number of colour components in a JPEG's frame header (1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK),
-    or None when `data` is not a JPEG (a PNG under a .JPEG name, say) or has no frame header before
-    its scan. Reads only the marker segments, never the image data."""
+    """The colour components in a JPEG's frame header (1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK), or None
+    when `data` is not a JPEG or has no frame header before its scan; reads only the markers."""
     if data[:2] != b"\xff\xd8":
         return None
     pos = 2
@@ -76,8 +71,7 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 
 def _decode_on_cpu(data: bytes, index: int, device: torch.device | str) -> torch.Tensor:
-    """A file nvJPEG does not take (not a JPEG, CMYK, ...): PIL on the CPU, as the PIL recipes
-    decode it, then `[3, H, W]` uint8 on `device`."""
+    """A file nvJPEG does not take, decoded by PIL -> uint8 `[3, H, W]` on `device`."""
     try:
         image = decode_image(data, f"image {index} of the batch")
     except UndecodableImageError as err:
@@ -89,16 +83,16 @@ ImageFiles = Union[PackedFiles, Sequence[bytes], Sequence[torch.Tensor]]
 
 
 def file_tensors(files: ImageFiles) -> list[torch.Tensor]:
-    """A batch's image files as 1-D uint8 CPU tensors: packed files as views of their buffer,
-    `bytes` copied once (torch needs a writable buffer), tensors as they are."""
+    """A batch's files as 1-D uint8 CPU tensors (views of a packed buffer; `bytes` copied once, as
+    torch needs a writable buffer)."""
     if isinstance(files, PackedFiles):
         return files.unpack()
     return [f if isinstance(f, torch.Tensor) else torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
 
 
 def jpeg_decoder() -> Callable | None:
-    """torchvision's `decode_jpeg` to RGB (batched, nvJPEG on CUDA): `(data, device=...)`; or None
-    where torchvision no longer has it (0.29 deprecated its decoders in favour of TorchCodec)."""
+    """torchvision's `decode_jpeg` to RGB (batched, nvJPEG on CUDA) as `(data, device=...)`, or None
+    where the installed torchvision lacks it."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
@@ -107,14 +101,9 @@ def jpeg_decoder() -> Callable | None:
 
 
 def decode_batch(files: ImageFiles, device: torch.device | str) -> list[torch.Tensor]:
-    """Decode a batch's image files on `device` (nvJPEG, batched, on CUDA): B files (packed, bytes or
-    uint8 tensors) -> B x uint8 `[3, H_i, W_i]`.
-
-    Grey and colour JPEGs are decoded there, 3 channels each. The rare others (ImageNet's training set
-    has 22 CMYK JPEGs and one PNG under a .JPEG name) are decoded by PIL on the CPU, as the PIL
-    recipes decode them, and copied over. Raises BatchDecodeError naming the index of the first file
-    that neither decodes (a truncated file, say).
-    """
+    """B files (packed, bytes or uint8 tensors) -> B x uint8 `[3, H_i, W_i]` on `device`. Grey and
+    colour JPEGs decode there; the rest (ImageNet's train split has 22 CMYK JPEGs and a PNG) by PIL.
+    BatchDecodeError names the first file that neither decodes."""
     decode_jpeg = jpeg_decoder()
     if decode_jpeg is None:
         raise RuntimeError(NO_JPEG_DECODER.format(torchvision.__version__))
@@ -124,10 +113,8 @@ def decode_batch(files: ImageFiles, device: torch.device | str) -> list[torch.Te
     on_device = [i for i, b in enumerate(buffers) if jpeg_components(b) in (1, 3)]
     data = [tensors[i] for i in on_device]
     if data and torch.device(device).type == "cuda":
-        # nvJPEG writes its outputs from a stream of its own that does not wait for this one, into
-        # memory the caching allocator may have just taken back from tensors that kernels queued
-        # here still read (pytorch/vision#9606): let those kernels finish first. On the prefetching
-        # thread that is its own side stream, the previous batch's augmentation.
+        # nvJPEG writes from a stream of its own into memory that kernels queued here may still read
+        # (pytorch/vision#9606): let them finish first.
         torch.cuda.current_stream(device).synchronize()
     try:
         decoded = decode_jpeg(data, device=device) if data else []
@@ -147,11 +134,9 @@ def decode_batch(files: ImageFiles, device: torch.device | str) -> list[torch.Te
 
 
 def decode_training_batch(files: ImageFiles, device: torch.device | str, where: str) -> list[torch.Tensor]:
-    """`decode_batch` for a training batch: an undecodable file is replaced by a copy of the next
-    decodable-so-far file of the batch, with a warning naming `where` (the step), and the batch
-    decoded again, so that every process keeps its batch size (which the cross-process gathers of
-    the losses need), as the loader workers keep theirs when they decode. RuntimeError when no file
-    of the batch decodes."""
+    """`decode_batch`, an undecodable file replaced by a copy of the next good one with a warning
+    naming `where` (the step): the batch keeps its size, which the losses' gathers need.
+    RuntimeError when no file decodes."""
     originals = file_tensors(files)
     files, source, bad = list(originals), list(range(len(originals))), set()
     for _ in range(len(files)):  # each failure finds a new undecodable file

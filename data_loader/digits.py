@@ -1,9 +1,8 @@
-"""The quickstart dataset: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes).
+"""The quickstart's `digits_dataloader`: scikit-learn's bundled digits (1,797 8x8 images, 10 classes).
 
-Nothing is downloaded. A fixed stratified split keeps 500 images held out for the k-NN queries;
-the other 1,297 train the encoder and form the k-NN bank. The images are upsampled to
-`image_size` and augmented in batches on tensors (digits suit small affine warps and contrast
-changes; no flips, which would turn a 2 into something else).
+A fixed stratified split holds out 500 images (the k-NN queries); the other 1,297 train and form the
+k-NN bank. Batches are upsampled to `image_size` and augmented on tensors in this process: small
+affine warps and contrast changes, no flips (a flipped 2 is no digit).
 """
 
 from __future__ import annotations
@@ -17,11 +16,11 @@ import torch.nn.functional as F
 
 from data_loader.base import (
     DataError,
+    Loader,
     LoaderRuntime,
+    balanced_part,
     batch_generator,
     epoch_generator,
-    eval_shard,
-    per_process_batch,
     train_indices,
 )
 from utils.config import ConfigError
@@ -56,10 +55,8 @@ def prepare(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def augment(images: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     """One random view per image: a small affine warp (rotation up to 10 degrees, scale 0.9-1.05,
-    shear, shift), then contrast and brightness. `[b, 8, 8]` -> `[b, 3, size, size]`.
-
-    Measured on the quickstart: pixel noise or warps twice as strong cost 5-10 k-NN points.
-    """
+    shear, shift), then contrast and brightness. `[b, 8, 8]` -> `[b, 3, size, size]`. Pixel noise or
+    warps twice as strong cost the quickstart 5-10 k-NN points."""
     b = images.shape[0]
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
@@ -80,62 +77,39 @@ def augment(images: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tens
 
 
 @DATALOADERS.register("digits_dataloader")
-class DigitsLoader:
-    """Batches of the bundled digits.
-
-    Args:
-        runtime: rank, world size and seed (given by the program).
-        batch_size: the global batch.
-        train: the 1,297-image training split (true) or the 500 held-out images (false).
-        transform_type: `digits` (random views) or `val` (the plain upsampled image).
-        n_augs: views per image.
-        shuffle: with `train`, a training pass: reshuffled every epoch, the last partial batch dropped;
-            otherwise every sample once, in dataset order.
-        image_size: side of the upsampled images.
-        num_workers: accepted for symmetry with the other loaders; the digits are augmented in the
-            main process (a batch takes milliseconds).
-    """
+class DigitsLoader(Loader):
+    """Batches of the 1,297 training digits (`train`) or the 500 held out. `transform_type`:
+    `digits` (random views) or `val` (the upsampled image, one view); `shuffle` with `train`: a
+    training pass; `image_size`: the views' side; `num_workers` is accepted and unused."""
 
     def __init__(self, runtime: LoaderRuntime, batch_size: int, train: bool = True,
                  transform_type: Literal["digits", "val"] = "val", n_augs: int = 1, shuffle: bool = False,
                  image_size: int = 16, num_workers: int = 0):
         if transform_type == "val" and n_augs != 1:
             raise ConfigError(f"n_augs: transform_type 'val' gives one view, got n_augs={n_augs}")
-        self.runtime = runtime
-        self.global_batch_size = batch_size
-        self.batch_size = per_process_batch(batch_size, runtime.world_size)
+        super().__init__(runtime, batch_size, train and shuffle, n_augs)
         self.split = "train" if train else "test"
         self.augmented = transform_type == "digits"
-        self.n_augs = n_augs
         self.shuffle = shuffle
-        self.training = train and shuffle  # a training pass: reshuffled, full batches only
-        self.gpu_recipe = None  # augmented on tensors already
         self.image_size = image_size
-        self.epoch = 0
-        self.start_step = 0
 
     @property
     def num_samples(self) -> int:
-        """Samples in the split (all processes together)."""
         return len(load_digits_split()[self.split][1])
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
 
     def _batches(self) -> list[torch.Tensor]:
         n = self.num_samples
         if self.training:
             gen = epoch_generator(self.runtime.seed, self.epoch)
             return train_indices(n, self.global_batch_size, gen, self.runtime.rank, self.runtime.world_size, True)
-        local = torch.tensor(eval_shard(n, self.runtime.rank, self.runtime.world_size))
+        local = torch.tensor(balanced_part(n, self.runtime.rank, self.runtime.world_size, round_up=True))
         return list(local.split(self.batch_size)) if len(local) else []
 
     def __len__(self) -> int:
         return len(self._batches())
 
     def check_data(self, num_classes: Optional[int] = None, key: str = "num_classes") -> None:
-        """The digits ship with scikit-learn; an evaluator of theirs (`num_classes`, set at config
-        key `key`) needs 10 classes."""
+        """The digits ship with scikit-learn: only fewer than 10 classes is an error."""
         if num_classes is not None and num_classes < 10:
             raise DataError(f"{key}: {num_classes}, but the digits have 10 classes")
 

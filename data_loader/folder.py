@@ -1,24 +1,15 @@
-"""An extracted image-folder tree (SPEC 5): the `image_folder_dataloader` of the reference's
-`configs/examples/imagenet_folder.yaml`.
+"""An image-folder tree (`docs/reference.md §5`): the `image_folder_dataloader`.
 
-`root/train/<class>/*` and `root/val/<class>/*` (no devkit needed). The class indices are the sorted
-folder names of `root/train`, for both splits, so that a val split missing a class keeps the
-indices of the train split. Images without classes (your own, unlabelled) go directly into
-`root/train/`: they train (labels `UNLABELLED`, -1), but cannot feed an evaluator, which needs
-classes. Building a loader does not look at the folder (a dry run builds loaders for absent data);
-the folder is scanned on first use.
+`root/train/<class>/*` and `root/val/<class>/*`; the class indices are the sorted folder names of
+`root/train` for both splits (a val split missing a class keeps the train split's indices). Images
+directly in `root/train/` (none in class folders) are unlabelled (`UNLABELLED`): they train, but
+cannot feed an evaluator. The folder is scanned on first use.
 
-- Training (`train: true` with `shuffle: true`): every epoch one permutation of the split from
-  (seed, epoch), the same on every process; `n // batch_size` steps, process r taking its slice of
-  every global batch (the last partial global batch is dropped). An undecodable image is skipped
-  with a warning and its place in the batch is taken by a new view of another image of the same
-  batch: the batch keeps its size, which the cross-process gathers of the losses need.
-- Evaluation (otherwise): process r takes a contiguous part of the split (in a permuted order when
-  `shuffle` is set) and yields it in batches of at most the per-process size, so every image is
-  seen exactly once and gathering in rank order restores the order. An undecodable image is an
-  error naming the file.
-
-Augmentations are seeded from (seed, epoch, rank), as in the shard loader (data_loader.base.own_randomness).
+- Training: each epoch one permutation from (seed, epoch); an undecodable image is skipped with a
+  warning and a new view of another image of the batch takes its place (the batch keeps its size,
+  which the losses' gathers need).
+- Evaluation: process r takes a contiguous part (`balanced_part`), permuted when `shuffle`; an
+  undecodable image is an error naming the file.
 """
 
 from __future__ import annotations
@@ -34,15 +25,15 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 
 from data_loader.base import (
     DataError,
+    Loader,
     LoaderRuntime,
+    balanced_part,
     epoch_generator,
-    eval_shard,
     loader_batches,
-    per_process_batch,
     train_indices,
 )
 from data_loader.decode import UndecodableImageError, decode_image
-from data_loader.gpu_augment import DecodeOn, split_work
+from data_loader.gpu_augment import DecodeOn, gpu_and_worker_steps
 from data_loader.recipes import TransformType
 from data_loader.transforms import Batch, collate_for
 from utils.logging import get_logger
@@ -58,18 +49,17 @@ def is_image_file(path: str) -> bool:
 
 
 def image_tree(folder: Path) -> tuple[list[str], list[str]]:
-    """(class folder names, paths of the image files directly inside), both sorted; hidden entries
-    (`.ipynb_checkpoints`, `._name.jpg`) are neither. The class indices of a tree are the
-    positions of its `train/` folder's class names."""
+    """(class folder names, paths of the image files directly inside), both sorted, hidden entries
+    (`.ipynb_checkpoints`, `._name.jpg`) left out."""
     entries = sorted(folder.iterdir())
     classes = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
     return classes, [str(p) for p in entries if p.is_file() and is_image_file(str(p))]
 
 
 def scan_split(root: Path, split: str) -> list[tuple[str, int]]:
-    """[(image path, class index)] of `root/split`, sorted by class then file name; the classes are
-    the sorted folder names of `root/train`. A `root/train` that holds image files and no folders
-    is unlabelled: [(image path, UNLABELLED)] sorted by name, for the train split only."""
+    """[(image path, class index)] of `root/split`, sorted by class then file name; for unlabelled
+    images (train split only) [(image path, UNLABELLED)] sorted by name. DataError for a tree that
+    is neither."""
     train_dir, split_dir = root / "train", root / split
     for folder in (train_dir, split_dir):
         if not folder.is_dir():
@@ -98,15 +88,9 @@ def scan_split(root: Path, split: str) -> list[tuple[str, int]]:
 
 
 class FolderBatches(Dataset):
-    """Indexed by a list of sample indices, returns the whole batch `(views, labels)`.
-
-    Args:
-        samples: [(image path, class index)].
-        transform: the workers' step after decoding: a recipe (PIL image -> n_augs x `[3, H, W]`),
-            `image_array` (-> uint8 `[H, W, 3]`; decode_on: cpu), or None: return the file's bytes
-            (augment_on: gpu).
-        training: skip undecodable images (filling the batch up); otherwise they are errors.
-    """
+    """`dataset[indices]`: the batch of `samples` [(image path, class index)] at `indices`, each
+    image through `transform`, the workers' step after decoding (`gpu_and_worker_steps`; None hands
+    over the files). `training`: undecodable images are replaced (the module docstring)."""
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable | None, training: bool):
         self.samples, self.transform, self.training = samples, transform, training
@@ -116,7 +100,7 @@ class FolderBatches(Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> tuple[list[torch.Tensor], int]:
-        """(views: n_augs x `[3, H, W]`, class index) of one image."""
+        """(the worker step's output for one image, its class index)."""
         path, label = self.samples[index]
         with open(path, "rb") as f:
             data = f.read()
@@ -149,42 +133,20 @@ class FolderBatches(Dataset):
 
 
 @DATALOADERS.register("image_folder_dataloader")
-class ImageFolderLoader:
-    """Batches `(views, labels)` from `root/train` or `root/val` (see the module docstring).
-
-    Args:
-        runtime: rank, world size and seed (given by the program).
-        root: the folder holding `train/` and `val/`, each with one folder of images per class
-            (or `train/` alone, holding unlabelled images directly: training only).
-        shuffle: a new order every epoch; with `train`, a training pass (full batches, the last
-            partial global batch dropped); without, an evaluation pass in a shuffled order.
-        batch_size: the global batch; each process yields batch_size / world_size samples per step.
-        num_workers: DataLoader worker processes per process.
-        train: read `root/train` (true) or `root/val` (false).
-        transform_type: the augmentation recipe (data_loader.transforms).
-        n_augs: views per image.
-        augment_on: 'cpu' (decode and augment in the workers) or 'gpu' (training only: the batches
-            hold the JPEG files, decoded and augmented on the GPU by the trainer; see
-            data_loader.gpu_augment).
-        decode_on: where the images are decoded; by default where they are augmented. 'cpu' with
-            augment_on 'gpu': the workers decode with PIL and hand over the pixels, the GPU augments.
-    """
+class ImageFolderLoader(Loader):
+    """Batches of `root/train` (`train`) or `root/val`; `shuffle`: a new order every epoch, with
+    `train` a training pass."""
 
     def __init__(self, runtime: LoaderRuntime, root: str, shuffle: bool, batch_size: int, num_workers: int = 0,
                  train: bool = True, transform_type: TransformType = "val", n_augs: int = 1,
                  augment_on: Literal["cpu", "gpu"] = "cpu", decode_on: DecodeOn = None):
-        self.runtime = runtime
+        super().__init__(runtime, batch_size, train and shuffle, n_augs)
         self.root = Path(root)
         self.split = "train" if train else "val"
         self.shuffle = shuffle
-        self.training = train and shuffle
-        self.global_batch_size = batch_size
-        self.batch_size = per_process_batch(batch_size, runtime.world_size)
         self.num_workers = num_workers
-        self.gpu_recipe, self.transform = split_work(augment_on, decode_on, transform_type, n_augs, self.training)
-        self.n_augs = n_augs
-        self.epoch = 0
-        self.start_step = 0
+        self.gpu_recipe, self.transform = gpu_and_worker_steps(augment_on, decode_on, transform_type, n_augs,
+                                                               self.training)
         self._samples: list[tuple[str, int]] | None = None
 
     @property
@@ -197,13 +159,7 @@ class ImageFolderLoader:
 
     @property
     def num_samples(self) -> int:
-        """Images in the split (all processes together)."""
         return len(self.samples)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Reshuffle for `epoch`; the next pass starts at batch `start_step` (a resumed epoch). The
-        batches before it are still read and dropped, so that the workers' random streams match."""
-        self.epoch, self.start_step = epoch, start_step
 
     def batches(self) -> list[list[int]]:
         """This process's batches of sample indices for the current epoch."""
@@ -217,16 +173,14 @@ class ImageFolderLoader:
                                 f"batch is dropped)")
             return [step.tolist() for step in steps]
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-        part = eval_shard(n, rank, world)
+        part = balanced_part(n, rank, world, round_up=True)
         return [chunk.tolist() for chunk in order[part.start:part.stop].split(self.batch_size)]
 
     def __len__(self) -> int:
         return len(self.batches())
 
     def check_data(self, num_classes: Optional[int] = None, key: str = "num_classes") -> None:
-        """DataError when the split's folder or images are missing, or make no batch; with
-        `num_classes` (the loader feeds an evaluator of that many classes, set at config key
-        `key`), also when the images have no classes, or more."""
+        """Scans the split; it must make a batch."""
         if num_classes is not None:
             if self.samples[0][1] == UNLABELLED:
                 raise DataError(f"root: {self.root / self.split}: the images are not in class folders (unlabelled); "
@@ -240,6 +194,5 @@ class ImageFolderLoader:
     def __iter__(self) -> Iterator[Batch]:
         dataset = FolderBatches(self.samples, self.transform, self.training)
         seeds = epoch_generator(self.runtime.seed + 1, self.epoch, self.runtime.rank)
-        in_process = self.num_workers == 0 and self.gpu_recipe is None  # the CPU recipe runs here
-        batches = loader_batches(dataset, seeds, self.num_workers, in_process, sampler=self.batches())
+        batches = loader_batches(dataset, seeds, self.num_workers, self.gpu_recipe is None, sampler=self.batches())
         yield from itertools.islice(batches, self.start_step, None)

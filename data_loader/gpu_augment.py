@@ -1,31 +1,9 @@
-"""The paper's augmentation recipes (SPEC 5) as batched tensor code, for `augment_on: gpu`.
-
-The PIL recipes of `data_loader.transforms` run per image on CPU workers, which cannot feed a GPU
-(about 700 samples/s on 16 cores). Here the views of the same recipe tables (`data_loader.recipes`)
-are made for a whole batch of decoded images at once by `GpuRecipe`; the images are decoded on the
-device (`data_loader.decode.decode_batch`), or by the workers with PIL when the loader says
-`decode_on: cpu` (`PackedImages`, copied over in one transfer). The steps:
-
-- random resized crop: torchvision's `RandomResizedCrop.get_params` per sample, vectorised (10
-  attempts of an area fraction uniform in `scale` and a log-uniform aspect ratio, then the
-  centre-crop fallback), with the same rounding.
-- resize: PIL's resampling (the one the PIL recipes use), written as two per-sample weight matrices,
-  `out = Wy @ crop @ Wx^T`, so that every crop of a view is resized by two batched matmuls (float16
-  on CUDA). The rows of the matrices are PIL's filter (bicubic a = -0.5, or bilinear) stretched by
-  the downscaling factor, i.e. antialiased, normalised over the pixels inside the crop, and zero
-  outside it; the crop offsets and the horizontal flip are folded into them. Small crops are cut
-  from the padded batch as a window first, so that they do not cost a product over whole images.
-  `F.interpolate(antialias=True)`
-  computes the same thing but only for one crop size per call (one call per sample and view), and
-  `roi_align` averages bilinear samples (a box filter, not the recipe's bicubic).
-- colour: torchvision's ColorJitter (brightness, contrast, saturation, hue in a random order per
-  sample), grayscale, Gaussian blur (a per-sample kernel of 13 taps, a grouped convolution, edges
-  replicated like PIL), solarisation (x >= 127.5/255 -> 1 - x: the pixels that PIL, on uint8, sees as
-  >= 128), ImageNet normalisation.
-
-The pixels stay float in [0, 1] between the steps (PIL rounds to uint8 after each), a difference of
-about one grey level. All randomness is drawn on the CPU from the caller's generator (`sample_params`),
-so the views depend only on the generator's seed, not on the device.
+"""The recipes (`data_loader.recipes`) as batched tensor code on any device (`augment_on: gpu`):
+per-image PIL recipes on CPU workers cannot feed a GPU. The steps are torchvision's and PIL's,
+vectorised; the resize is PIL's antialiased filter as two per-sample matrices, `Wy @ crop @ Wx^T`,
+crop and flip folded in (`F.interpolate` takes one size per call, `roi_align` is a box filter).
+Pixels stay float between steps (PIL rounds to uint8): about a grey level apart. All randomness is
+drawn on the CPU from the caller's generator: the views depend on its seed, not on the device.
 """
 
 from __future__ import annotations
@@ -56,9 +34,8 @@ ALIGN = 8  # canvas and window sides padded to a multiple of this: float16 produ
 
 
 def view_specs(transform_type: str, n_augs: int) -> list[ViewSpec]:
-    """The views of recipe `transform_type` (SPEC 5), the tables `data_loader.transforms.build_transform`
-    makes its PIL views from; ConfigError for a recipe without a GPU version or a view count it does
-    not make."""
+    """The views of recipe `transform_type`; ConfigError for a recipe without a GPU version (the
+    centre crops) or a view count it does not make."""
     if transform_type not in GPU_RECIPES:
         valid = ", ".join(GPU_RECIPES)
         raise ConfigError(f"transform_type: {transform_type!r} has no GPU version; GPU recipes: {valid}")
@@ -82,9 +59,8 @@ class ViewParams:
 
 def crop_boxes(sizes: torch.Tensor, scale: tuple[float, float], gen: torch.Generator,
                ratio: tuple[float, float] = RATIO, attempts: int = 10) -> torch.Tensor:
-    """torchvision's RandomResizedCrop.get_params for B images at once: sizes `[B, 2]` (H, W) ->
-    boxes `[B, 4]` int64 (top, left, height, width). The first of `attempts` draws that fits the
-    image is kept; an image where none fits gets the centre crop clamped to `ratio`."""
+    """torchvision's RandomResizedCrop.get_params for sizes `[B, 2]` (H, W) -> boxes `[B, 4]` int64 (top,
+    left, height, width): the first of `attempts` draws that fits, else the centre crop in `ratio`."""
     n = sizes.shape[0]
     height, width = sizes[:, :1].double(), sizes[:, 1:].double()
     u = torch.rand(n, 2, attempts, generator=gen, dtype=torch.float64)
@@ -146,11 +122,10 @@ def _filter(x: torch.Tensor, bicubic: bool) -> torch.Tensor:
 
 def resize_taps(start: torch.Tensor, length: torch.Tensor, size: int, bicubic: bool,
                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """PIL's resampling along one axis, as taps: row o of a crop [start, start + length) is
-    `sum_t weight[b, o, t] * pixel[index[b, o, t]]`, with the filter stretched by the downscaling
-    factor (antialiased) and the weights normalised inside the crop. start, length `[B]` int64 on
-    the CPU -> index `[B, size, T]` int64, weight `[B, size, T]` float32, both on `device`; taps
-    outside the crop have weight 0. T comes from the CPU lengths, so nothing waits for the device."""
+    """PIL's antialiased resampling of the crop [start, start + length) along one axis to `size`
+    pixels, as taps: output o = `sum_t weight[b, o, t] * pixel[index[b, o, t]]`, weights normalised
+    inside the crop (0 outside). start, length `[B]` int64 on the CPU (so nothing waits for the
+    device) -> index `[B, size, T]` int64, weight `[B, size, T]` float32, on `device`."""
     radius = 2.0 if bicubic else 1.0  # the filter's support at scale 1
     support = radius * max(float(length.max()) / size, 1.0)
     taps = math.ceil(2 * support) + 2
@@ -169,10 +144,8 @@ def resize_taps(start: torch.Tensor, length: torch.Tensor, size: int, bicubic: b
 def resize_matrix(start: torch.Tensor, length: torch.Tensor, size: int, extent: int, bicubic: bool,
                   flip: torch.Tensor | None = None, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-sample 1-D resampling matrices `[B, size, extent]` (`dtype`, on `device`): row o maps the
-    pixels [start, start + length) of an axis of `extent` pixels to output pixel o, as PIL's resize
-    with a box does (`resize_taps`), the rows reversed where `flip` `[B]`. start, length, flip on
-    the CPU. Only the taps are computed; they are scattered into zeros."""
+    """`resize_taps` as matrices `[B, size, extent]` (`dtype`, on `device`) over an axis of `extent`
+    pixels, rows reversed where `flip` `[B]`; start, length, flip on the CPU."""
     index, weight = resize_taps(start, length, size, bicubic, device)
     if flip is not None:
         flip = to_device(flip, device)[:, None, None]
@@ -183,11 +156,9 @@ def resize_matrix(start: torch.Tensor, length: torch.Tensor, size: int, extent: 
 
 def crop_window(canvas: torch.Tensor, boxes: torch.Tensor, fraction: float = WINDOW_FRACTION
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Cut from `canvas` `[n, Hc, 3, Wc]` a window around each crop of `boxes` `[m, 4]` (CPU; crop c
-    on image c mod n), all of the largest crop height and width, when that is at most `fraction`
-    of the canvas (a small crop then costs the resize little): -> (windows `[m, h, 3, w]`, the boxes
-    relative to them), h and w rounded up to a multiple of ALIGN; None when the windows would not be
-    small."""
+    """Windows `[m, h, 3, w]` of `canvas` `[n, Hc, 3, Wc]` around the crops `boxes` `[m, 4]` (CPU; crop
+    c on image c mod n), h and w the largest crop's rounded up to ALIGN, and the boxes relative to
+    them; None when a window would exceed `fraction` of the canvas (small crops resize cheaply)."""
     n, height, _, width = canvas.shape
     span_h, span_w = min(aligned(int(boxes[:, 2].max())), height), min(aligned(int(boxes[:, 3].max())), width)
     if span_h * span_w > fraction * height * width:
@@ -204,8 +175,7 @@ def crop_window(canvas: torch.Tensor, boxes: torch.Tensor, fraction: float = WIN
 
 def _resize(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """`rows @ image @ cols^T` per image and channel: images `[n, H, 3, W]`, rows `[n, S, H]`, cols
-    `[n, S, W]` -> `[n, S, 3, S]`. The channels sit between rows and columns so that neither batched
-    product needs a copy; the one that shrinks the longer axis goes first."""
+    `[n, S, W]` -> `[n, S, 3, S]`. Channels between rows and columns: neither product copies."""
     n, height, _, width = images.shape
     size = rows.shape[1]
     if height >= width:  # rows first: [n, S, H] @ [n, H, 3W] -> [n, S, 3W] = [n, 3S, W]
@@ -217,10 +187,9 @@ def _resize(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tor
 
 def crop_resize(canvas: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
                 bicubic: bool) -> torch.Tensor:
-    """Crop `boxes` `[m, 4]` (top, left, h, w; CPU) of the images on `canvas` `[n, Hc, 3, Wc]` (pixel
-    values 0-255, each image in the top-left corner, padded; see `pad_to_canvas`), crop c from image
-    c mod n (m = k n: k crops of every image), and resize them to float32 `[m, 3, size, size]` in
-    [0, 1], mirrored where `flip` `[m]` (CPU). Two batched matrix products in the canvas's dtype."""
+    """Crops `boxes` `[m, 4]` (top, left, h, w; CPU; crop c of image c mod n) of `canvas`
+    (`pad_to_canvas`), resized to float32 `[m, 3, size, size]` in [0, 1], mirrored where `flip`
+    `[m]` (CPU)."""
     n, device, dtype = canvas.shape[0], canvas.device, canvas.dtype
     windows = crop_window(canvas, boxes)
     if windows is not None:
@@ -237,9 +206,8 @@ def crop_resize(canvas: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, s
 
 
 def canvas_groups(sizes: torch.Tensor, max_elements: int) -> list[torch.Tensor]:
-    """Split B images of sizes `[B, 2]` into index groups to pad together: landscape and portrait
-    images apart (a 375 x 500 and a 500 x 375 image would pad to 500 x 500), and by area within
-    each, so that a group's padded canvas (n x 3 x max H x max W) stays under `max_elements`."""
+    """Index groups of B images of sizes `[B, 2]` to pad together: landscape and portrait apart (they
+    would pad to squares), by area, each canvas (n x 3 x max H x max W) under `max_elements`."""
     groups, current, max_h, max_w = [], [], 0, 0
     area, portrait = sizes.prod(1), sizes[:, 0] > sizes[:, 1]
     for i in torch.argsort(area + portrait * (area.max() + 1)).tolist():
@@ -260,9 +228,8 @@ def aligned(length: int) -> int:
 
 
 def pad_to_canvas(images: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 images `[3, H_i, W_i]` -> `[n, Hc, 3, Wc]` of `dtype` (pixel values 0-255, exact in float16
-    too), each in the top-left corner, zero-padded to the largest height and width rounded up to a
-    multiple of ALIGN: the layout `crop_resize` multiplies."""
+    """uint8 images `[3, H_i, W_i]` -> `[n, Hc, 3, Wc]` of `dtype` (values 0-255, exact in float16),
+    each top-left, zero-padded to the largest side rounded up to ALIGN."""
     height, width = aligned(max(im.shape[1] for im in images)), aligned(max(im.shape[2] for im in images))
     canvas = images[0].new_zeros(len(images), height, 3, width, dtype=dtype)
     for i, image in enumerate(images):
@@ -286,11 +253,9 @@ def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.
 
 
 def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of `[n, 3, H, W]` by `shift` `[n]` turns, as torchvision's RGB -> HSV -> RGB.
-
-    Value v (the max channel) and chroma c = v - min stay; channel j of the result is
-    v - c * clamp(min(k, 4 - k), 0, 1) with k = (n_j + 6 * hue) mod 6, n = 5, 3, 1 (the HSV -> RGB
-    formula with v * s = c). A grey pixel (c = 0) stays v whatever its hue, so it needs no case."""
+    """Rotate the hue of `[n, 3, H, W]` by `shift` `[n]` turns, as torchvision's RGB -> HSV -> RGB:
+    value v and chroma c stay; channel j is v - c * clamp(min(k, 4 - k), 0, 1), k = (n_j + 6 hue)
+    mod 6, n = 5, 3, 1. A grey pixel (c = 0) stays v, so it needs no case."""
     maxc = x.amax(1, keepdim=True)
     chroma = maxc - x.amin(1, keepdim=True)
     r, g, b = ((maxc - x) / torch.where(chroma > 0, chroma, 1.0)).unbind(1)  # distances from the max channel
@@ -314,8 +279,8 @@ def jitter_step(x: torch.Tensor, step: int, factor: torch.Tensor) -> torch.Tenso
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
                  applied: torch.Tensor | None = None) -> torch.Tensor:
     """torchvision's ColorJitter per sample, in place: `[n, 3, H, W]`, factors `[n, 4]`, order `[n, 4]`
-    (each sample's permutation of the 4 steps) and `applied` `[n]` bool (default all), all three on
-    the CPU -> x. The samples of each step are found on the CPU, so nothing waits for the GPU."""
+    (each sample's permutation of the steps), `applied` `[n]` bool (default all), all on the CPU so
+    that nothing waits for the GPU."""
     applied = torch.ones(len(order), dtype=torch.bool) if applied is None else applied
     for position in range(4):
         for step in range(4):
@@ -339,8 +304,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
-    """`x[mask] = fn(x[mask], *(a[mask] for a in args))` in place, for `mask` `[n]` bool on the CPU
-    and `args` on the CPU (moved with the indices)."""
+    """`x[mask] = fn(x[mask], *(a[mask] for a in args))` in place; `mask` `[n]` bool and `args` on the CPU."""
     idx = mask.nonzero()[:, 0]
     if len(idx) == 0:
         return x
@@ -350,8 +314,7 @@ def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -> 
 
 
 def colour_view(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
-    """The steps after the crop, in the recipes' order: jitter, grayscale, blur, solarisation;
-    `[n, 3, S, S]` in [0, 1] -> the same tensor, changed in place (`p` on the CPU)."""
+    """Jitter, grayscale, blur, solarisation in place: `[n, 3, S, S]` in [0, 1] (`p` on the CPU)."""
     x = color_jitter(x, p.factors, p.order, p.jitter)
     x = _on_subset(x, p.gray, lambda y: grayscale(y).expand_as(y))
     x = _on_subset(x, p.blur, gaussian_blur, p.sigma)
@@ -363,13 +326,10 @@ def colour_view(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
 
 
 class GpuRecipe:
-    """Recipe `transform_type` with `n_augs` views on batches of decoded images on any device.
-
-    `recipe(images, generator)`: B uint8 images `[3, H_i, W_i]` (one device) and a CPU generator ->
-    n_augs float32 tensors `[B, 3, S, S]` normalised with the ImageNet mean and std (S = 224, or 96
-    for the local views of `dino_multicrop`). The crops are resized in `resize_dtype`: by default
-    float16 on CUDA (tensor cores; the 0-255 pixels are exact, the crops within a third of a grey
-    level of float32, 0.03 on average) and float32 elsewhere.
+    """Recipe `transform_type` with `n_augs` views: `recipe(images, generator)`, B uint8 images
+    `[3, H_i, W_i]` on one device and a CPU generator -> n_augs normalised float32 `[B, 3, S, S]`
+    (S = 224, or 96 for `dino_multicrop`'s local views). Crops are resized in `resize_dtype`, by
+    default float16 on CUDA (tensor cores; within a third of a grey level of float32), else float32.
     """
 
     def __init__(self, transform_type: str, n_augs: int, max_canvas_elements: int = MAX_CANVAS_ELEMENTS,
@@ -386,11 +346,8 @@ class GpuRecipe:
         return [sample_view(spec, sizes, generator) for spec in self.specs]
 
     def apply(self, images: Sequence[torch.Tensor], params: Sequence[ViewParams]) -> list[torch.Tensor]:
-        """Make the views with the given parameters: B x `[3, H_i, W_i]` uint8 -> n_augs x `[B, 3, S, S]`.
-
-        The views of one size and filter (both global views; the six local ones) are made as one
-        batch of k B crops: every step is per sample, so this changes no value, only how many
-        kernels a batch launches."""
+        """The views with parameters `params`: B x uint8 `[3, H_i, W_i]` -> n_augs x `[B, 3, S, S]`. Views of
+        one size and filter are made as one batch of crops (fewer kernel launches, same values)."""
         device, n = images[0].device, len(images)
         dtype = self.resize_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         sizes = torch.tensor([im.shape[1:] for im in images])
@@ -421,11 +378,9 @@ class GpuRecipe:
 
 def gpu_views(batch: ImageFiles | PackedImages, labels: torch.Tensor, recipe: GpuRecipe, device: torch.device | str,
               generator: torch.Generator, where: str | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """A loader's batch -> the trainer's batch: B image files (decoded here) or B images decoded by
-    the workers (`PackedImages`, copied in one transfer), and labels `[B]` -> (n_augs x float32
-    `[B, 3, S, S]` on `device`, labels int64 `[B]` on `device`). An undecodable file raises
-    BatchDecodeError (with `.index`); with `where` (a training step, as the warning names it) it is
-    replaced by a copy of another file of the batch instead (`decode_training_batch`)."""
+    """A loader's batch of B files (decoded here) or `PackedImages`, labels `[B]` -> (n_augs x float32
+    `[B, 3, S, S]`, labels int64 `[B]`), on `device`. An undecodable file raises BatchDecodeError;
+    with `where` (the training step, for the warning) a copy of another file replaces it."""
     if isinstance(batch, PackedImages):
         images = batch.to(device, non_blocking=True).unpack()
     elif where is not None:
@@ -438,16 +393,11 @@ def gpu_views(batch: ImageFiles | PackedImages, labels: torch.Tensor, recipe: Gp
 DecodeOn = Optional[Literal["cpu", "gpu"]]
 
 
-def split_work(augment_on: Literal["cpu", "gpu"], decode_on: DecodeOn, transform_type: str, n_augs: int,
-               training: bool) -> tuple[GpuRecipe | None, Callable[[Image.Image], Any] | None]:
-    """What a loader's workers do with each image, and what is left to the trainer's device:
-    (the GPU recipe or None, the workers' step after decoding with PIL, or None when they do not
-    decode). `decode_on` defaults to where `augment_on` says:
-
-    - cpu: the PIL recipe in the workers -> (None, the recipe);
-    - gpu: the files handed over undecoded -> (GpuRecipe, None);
-    - gpu with `decode_on: cpu`: the workers decode, the device augments -> (GpuRecipe, image_array).
-    """
+def gpu_and_worker_steps(augment_on: Literal["cpu", "gpu"], decode_on: DecodeOn, transform_type: str, n_augs: int,
+                         training: bool) -> tuple[GpuRecipe | None, Callable[[Image.Image], Any] | None]:
+    """(the trainer's GPU recipe, the workers' step after PIL decoding): augment_on cpu -> (None, the
+    PIL recipe); gpu -> (GpuRecipe, None: the files go undecoded); gpu with decode_on cpu ->
+    (GpuRecipe, `image_array`). ConfigError: gpu outside training; decode_on gpu, augment_on cpu."""
     if augment_on == "cpu":
         if decode_on == "gpu":
             raise ConfigError("decode_on: 'gpu' needs augment_on: 'gpu' (the CPU recipes augment PIL images)")

@@ -1,13 +1,6 @@
-"""Prepare the next batch while the current one trains (`augment_on: gpu`).
-
-Decoding and augmenting a batch on the GPU took about half as long as a compiled ResNet-50 step
-(H200, an earlier version of the recipes: 69 ms against 116 ms for 256 samples, 2 x 224). Done in
-turn they add up; done on a background thread with its own CUDA stream, the next batch is ready
-when the step ends. The thread launches work while the main thread waits on the GPU, and the GPU
-runs both streams.
-
-The batches come out in order and equal to `prepare` applied in the main thread: nothing here
-draws random numbers (the GPU recipes draw theirs from a generator seeded by the step).
+"""Prepare the next batch (`augment_on: gpu`) on a thread with its own CUDA stream while the
+current one trains: GPU decoding and augmentation take a sizeable part of a step (bench/RESULTS.md).
+Results come in order and equal `prepare` run in the main thread; nothing here draws random numbers.
 """
 
 from __future__ import annotations
@@ -40,20 +33,11 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
 
 
 class Prefetcher:
-    """Iterate `prepare(item, index)` over `source`, computed `depth` items ahead on a thread.
-
-    On a CUDA `device` the thread runs on a side stream; each result is handed over with an event
-    the consumer's stream waits on, and its tensors are marked as used by that stream (so their
-    memory is not reused before it is done with them). An exception in the source or in `prepare`
-    is raised in the consumer, at the item where it happened. Use as a context manager, or call
-    `close()`: stopping early (a preempted epoch) ends the thread.
-
-    Args:
-        source: the items, e.g. a loader's batches (read on the thread too).
-        prepare: `(item, index) -> result`, index counting from 0.
-        device: where `prepare` puts its results.
-        depth: how many results may wait, ready, at once.
-    """
+    """Iterate `prepare(item, index)` (index from 0) over `source` (read on the thread too), at most
+    `depth` results ahead, on `device`. On CUDA the consumer's stream waits for each result, whose
+    tensors are recorded on it (their memory is not reused early). An exception in `source` or
+    `prepare` is raised in the consumer at its item. Use as a context manager or `close()` it: an
+    early stop (a preempted epoch) must end the thread."""
 
     def __init__(self, source: Iterable, prepare: Callable[[Any, int], Any], device: torch.device, depth: int = 1):
         if depth < 1:

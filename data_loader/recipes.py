@@ -1,8 +1,6 @@
-"""The augmentation recipes of the paper (SPEC 5) as tables: one frozen `ViewSpec` per view (crop,
-flip, colour jitter, grayscale, blur, solarisation), the recipes as sequences of views (`RECIPES`),
-the ImageNet normalisation, and `recipe_views`, which checks a recipe's view count. The PIL pipeline
-(`data_loader.transforms.build_transform`) and the batched one (`data_loader.gpu_augment.view_specs`)
-both build their views from these tables.
+"""The paper's augmentation recipes (`docs/reference.md §5`) as tables, one `ViewSpec` per view:
+the PIL pipeline (`data_loader.transforms`) and the batched one (`data_loader.gpu_augment`) both
+build their views from them.
 """
 
 from __future__ import annotations
@@ -26,9 +24,8 @@ class ViewSpec:
     """One random view: a crop of `scale` of the image's area and an aspect ratio in `ratio`,
     resized to `size` (bicubic or bilinear), then each step with its probability (0 leaves it out).
     `jitter` is ColorJitter's (brightness, contrast, saturation, hue); the blur's standard deviation
-    is uniform in `blur_sigma`. `flip_last`: the PIL recipe flips after the blur instead of right after the
-    crop (SimCLR's order); it decides only the order of the PIL steps' random draws (the batched
-    recipe folds the flip into the resize)."""
+    is uniform in `blur_sigma`. `flip_last`: the PIL recipe flips last (SimCLR's order), which
+    changes only the order of its random draws."""
 
     size: int
     scale: tuple[float, float]
@@ -59,8 +56,8 @@ View = Union[ViewSpec, CentreCropSpec]
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A recipe's views, repeated in this order for as many views as asked (`[1, 2]` makes 3 views
-    as `[1, 2, 1]`), and the view counts it makes (None: any count from 1)."""
+    """A recipe's views, cycled for as many as asked (`[1, 2]` makes 3 views as `[1, 2, 1]`), and the
+    view counts it makes (None: any from 1)."""
 
     views: tuple[View, ...]
     n_augs: tuple[int, ...] | None
@@ -85,8 +82,8 @@ RECIPES: dict[str, Recipe] = {
 
 
 def recipe_views(transform_type: str, n_augs: int) -> list[View]:
-    """The `n_augs` views of recipe `transform_type`, in view order. ConfigError for an unknown recipe
-    or a view count the recipe does not make."""
+    """The `n_augs` views of recipe `transform_type`; ConfigError for an unknown recipe or a view count
+    it does not make."""
     if transform_type not in RECIPES:
         valid = ", ".join(RECIPES)
         raise ConfigError(f"transform_type: unknown recipe {transform_type!r}; valid recipes: {valid}")

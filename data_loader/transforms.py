@@ -1,10 +1,6 @@
-"""The PIL pipeline of the augmentation recipes (the views of `data_loader.recipes`, per image in the
-loader workers), and batch collation.
-
-`build_transform(transform_type, n_augs)` returns a callable that turns one PIL image into a list of
-`n_augs` normalised float tensors `[3, H, W]` (one per view, in view order). All randomness comes
-from torch's generator (torchvision's own transforms use it too), so a DataLoader worker seeded
-through the loader's `generator` augments deterministically.
+"""The PIL pipeline of the recipes (`data_loader.recipes`), run per image in the loader workers, and
+batch collation. All its randomness comes from torch's generator, as torchvision's does, so a
+seeded DataLoader worker augments deterministically.
 """
 
 from __future__ import annotations
@@ -33,10 +29,9 @@ def collate_views(samples: Sequence[tuple[list[torch.Tensor], int]]) -> Batch:
 
 @dataclasses.dataclass(frozen=True)
 class PackedFiles:
-    """The image files of a batch in one buffer: `data` uint8 `[total bytes]`, `ends` int64 `[b]`
-    (file i is `data[ends[i - 1]:ends[i]]`). A loader worker hands a batch to the training process
-    as these two tensors, through shared memory, instead of pickling b `bytes` objects through a
-    pipe; `files[i]` is a view, not a copy."""
+    """A batch's image files in one buffer: `data` uint8 `[total bytes]`, `ends` int64 `[b]` (file i
+    is `data[ends[i - 1]:ends[i]]`, a view), so that workers hand them over in shared memory, not
+    pickled."""
 
     data: torch.Tensor
     ends: torch.Tensor
@@ -62,10 +57,9 @@ class PackedFiles:
 
 @dataclasses.dataclass(frozen=True)
 class PackedImages:
-    """The decoded RGB images of a batch in one buffer: `data` uint8 `[sum of H_i W_i 3]` (image i
-    channel-last, as PIL decodes it) and `shapes` int64 `[b, 2]` (H_i, W_i). What loader workers hand
-    over with `augment_on: gpu, decode_on: cpu`: one tensor through shared memory, pinned by the
-    DataLoader (`pin_memory`) and copied to the GPU in one transfer (`to`)."""
+    """A batch's decoded RGB images in one buffer: `data` uint8 `[sum of H_i W_i 3]` (channel-last, as
+    PIL decodes) and `shapes` int64 `[b, 2]` (H_i, W_i); the workers' batch with `decode_on: cpu`,
+    pinned by the DataLoader and copied to the GPU in one transfer."""
 
     data: torch.Tensor
     shapes: torch.Tensor
@@ -99,14 +93,12 @@ def image_array(image: Image.Image) -> torch.Tensor:
 
 
 def collate_bytes(samples: Sequence[tuple[bytes, int]]) -> tuple[PackedFiles, torch.Tensor]:
-    """[(JPEG file bytes, label), ...] (b samples) -> (the b files packed, labels int64 [b]); for
-    `augment_on: gpu`, where decoding and augmentation happen on the GPU (data_loader.gpu_augment)."""
+    """[(file bytes, label), ...] (b samples) -> (`PackedFiles`, labels int64 `[b]`)."""
     return PackedFiles.pack([data for data, _ in samples]), _labels(samples)
 
 
 def collate_images(samples: Sequence[tuple[torch.Tensor, int]]) -> tuple[PackedImages, torch.Tensor]:
-    """[(uint8 image [H, W, 3], label), ...] (b samples) -> (the b images packed, labels int64 [b]);
-    for `augment_on: gpu, decode_on: cpu`, where the workers decode and the GPU augments."""
+    """[(uint8 image `[H, W, 3]`, label), ...] (b samples) -> (`PackedImages`, labels int64 `[b]`)."""
     return PackedImages.pack([image for image, _ in samples]), _labels(samples)
 
 
@@ -115,8 +107,7 @@ def _labels(samples: Sequence[tuple[object, int]]) -> torch.Tensor:
 
 
 def collate_for(transform: Callable | None) -> Callable:
-    """The collate function of a loader whose workers apply `transform` to each decoded image: a
-    recipe (views), `image_array` (decoded images) or None (the files, undecoded)."""
+    """The collate function for the workers' step `transform`: a recipe, `image_array` or None (files)."""
     if transform is None:
         return collate_bytes
     return collate_images if transform is image_array else collate_views
@@ -126,8 +117,7 @@ def collate_for(transform: Callable | None) -> Callable:
 
 
 class RandomGaussianBlur:
-    """With probability `p`, PIL's Gaussian blur with a radius (standard deviation) uniform in
-    [radius_min, radius_max]."""
+    """With probability `p`, PIL's Gaussian blur of a radius (std) uniform in [radius_min, radius_max]."""
 
     def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0):
         self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
@@ -161,8 +151,8 @@ def _finish(*steps: Callable) -> T.Compose:
 
 
 def pil_view(spec: View) -> T.Compose:
-    """The PIL steps of one view of a recipe table, in the recipe's order: PIL image -> `[3, H, W]`.
-    A step of probability 0 is left out (it would draw a random number)."""
+    """One view's PIL steps, PIL image -> `[3, H, W]`; steps of probability 0 are left out (they would
+    draw random numbers)."""
     interpolation = BICUBIC if spec.bicubic else T.InterpolationMode.BILINEAR
     if isinstance(spec, CentreCropSpec):
         return _finish(T.Resize(spec.resize, interpolation=interpolation), T.CenterCrop(spec.size))
@@ -200,9 +190,8 @@ class MultiView:
 
 
 def build_transform(transform_type: str, n_augs: int = 1) -> MultiView:
-    """The recipe `transform_type` for `n_augs` views (`data_loader.recipes.recipe_views`): a callable
-    PIL image -> n_augs x `[3, H, W]`, one PIL pipeline per distinct view. ConfigError for an unknown
-    recipe or a view count the recipe does not make."""
+    """Recipe `transform_type` as a callable PIL image -> n_augs x normalised float `[3, H, W]` (view
+    order); ConfigError as `recipe_views`."""
     views = recipe_views(transform_type, n_augs)
     built = {spec: pil_view(spec) for spec in dict.fromkeys(views)}
     return MultiView([built[spec] for spec in views])

@@ -1,32 +1,16 @@
-"""ImageNet as WebDataset shards (SPEC 5): the `web_dataloader` of the paper's configs.
+"""WebDataset shards (`docs/reference.md §5`): the `web_dataloader` of the paper's configs.
 
-A shard is a tar file of samples `KEY.image.jpg` (the original image bytes) and `KEY.metadata.pyd`
-(a pickled dict with the class index `cls`), as written by `preprocessing/create_tar_webdataset.py`.
-Building a loader reads nothing (a dry run builds the loaders of configs whose data is absent);
-shards are opened only when the loader is iterated.
+A shard is a tar file of samples `KEY.image.jpg` (the original bytes) and `KEY.metadata.pyd` (a
+pickled dict with the class index `cls`), as `preprocessing/create_tar_webdataset.py` writes them.
 
-Two modes, chosen by the config:
-
-- Training (`train: true` and `shuffle` > 0). Every epoch the shard list is permuted from
-  (seed, epoch), the same permutation on every process; process r takes every world_size-th shard
-  of it, and each of its dataloader workers every num_workers-th shard of those. A worker streams
-  its shards round and round (reshuffling their order on every new round), through a shuffle buffer
-  of `shuffle` samples, and yields batches of exactly the per-process size. The loader stops after
-  `dataset_size // batch_size` batches: the same number of steps on every process, none of which can
-  run short. Undecodable images are skipped and counted in a warning; so is the unreadable rest of a
-  shard cut short (one warning naming the shard and the samples lost; the stream reads on from the next
-  shard).
-- Evaluation (otherwise). Every sample is read exactly once: process r takes a contiguous run of
-  the shard list (the runs differ by at most one shard in length when the shards do not divide
-  evenly; a process may then yield fewer batches), its workers split that run, and each worker
-  yields its samples in shard order in batches of at most the per-process size. The order is a
-  function of the shard list and num_workers, so gathering in rank order gives a deterministic
-  order. An undecodable image is an error naming the shard and the key; a shard cut short is a
-  ShardError naming it.
-
-Sample shuffling and shard order depend only on (runtime.seed, epoch, rank, worker); the
-augmentations too (each epoch's DataLoader draws its workers' seeds from a generator seeded the same
-way; with num_workers 0 the recipe gets generators of its own seeded so: `own_randomness`).
+- Training: each epoch one shard permutation from (seed, epoch); process r takes every
+  world_size-th shard of it, each of its workers every num_workers-th of those, read round and
+  round through a shuffle buffer of `shuffle` samples, so that `dataset_size // batch_size` full
+  batches never run short. Undecodable images and the rest of a shard cut short are skipped with
+  a warning.
+- Evaluation: process r reads a contiguous run of shards (`balanced_part`), its workers split
+  it, each yielding its samples in shard order (several workers' batches interleave); an
+  undecodable image or a shard cut short is an error naming the shard.
 """
 
 from __future__ import annotations
@@ -46,27 +30,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_loader.base import (
-    DataError,
-    LoaderRuntime,
-    epoch_generator,
-    loader_batches,
-    per_process_batch,
-)
+from data_loader.base import DataError, Loader, LoaderRuntime, balanced_part, epoch_generator, loader_batches
 from data_loader.decode import UndecodableImageError, decode_image
-from data_loader.gpu_augment import DecodeOn, split_work
+from data_loader.gpu_augment import DecodeOn, gpu_and_worker_steps
 from data_loader.recipes import TransformType
 from data_loader.transforms import Batch, collate_for
 from utils.config import ConfigError
 from utils.logging import get_logger
 from utils.registry import DATALOADERS
-
-
-def balanced_part(n: int, rank: int, world_size: int) -> range:
-    """The contiguous part of n items that process `rank` takes: every item exactly once, the parts
-    differing in length by at most one."""
-    return range(rank * n // world_size, (rank + 1) * n // world_size)
-
 
 SAMPLE_FILES = ("image.jpg", "metadata.pyd")  # the files of a sample, as the shard writer names them
 
@@ -86,20 +57,10 @@ def sample_fields(sample: dict) -> tuple[bytes, int, str]:
 
 
 class ShardStream(IterableDataset):
-    """The batches that one process reads from its shards (split further among DataLoader workers).
-
-    Args:
-        urls: this process's shards, in reading order.
-        transform: the workers' step after decoding: a recipe (PIL image -> n_augs x `[3, H, W]`),
-            `image_array` (-> uint8 `[H, W, 3]`; decode_on: cpu), or None: yield the JPEG bytes
-            (augment_on: gpu).
-        batch_size: the per-process batch.
-        training: stream the shards endlessly, skip undecodable images and the rest of a shard cut
-            short, yield full batches only; otherwise one pass, both are errors (handed over as the
-            last item, `handed_over`), the last batch of a worker may be short.
-        shuffle: shuffle buffer size in samples (0: no shuffling).
-        seed_key: a string naming (seed, epoch, rank); the worker id is added to seed the buffer.
-    """
+    """One process's batches of its shards `urls`, which its DataLoader workers split; `transform` is
+    their step after decoding (`gpu_and_worker_steps`). `training`: endless, full batches, bad data
+    skipped; else one pass, an error handed over as the last item (`handed_over`). `seed_key` names
+    (seed, epoch, rank) for the shuffle buffer of `shuffle` samples."""
 
     def __init__(self, urls: list[str], transform: Callable | None, batch_size: int, training: bool, shuffle: int,
                  seed_key: str):
@@ -124,7 +85,7 @@ class ShardStream(IterableDataset):
         return iter(made) if self.training else handed_over(made)
 
     def _transformed(self, samples: Iterator[dict]) -> Iterator[tuple[list[torch.Tensor], int]]:
-        """Raw samples -> (views, label); undecodable images skipped in training, errors otherwise."""
+        """Raw samples -> (worker step's output, label); undecodable images skipped in training."""
         skipped = 0
         for sample in samples:
             data, label, where = sample_fields(sample)
@@ -144,12 +105,10 @@ class ShardStream(IterableDataset):
 
 
 def shard_samples(url: str) -> Iterator[dict]:
-    """The raw samples of one shard, in order. Where the tar file ends in the middle of a file (cut
-    short) or is not a tar file, the complete samples before that point are yielded, then ShardError
-    is raised naming the shard, how many were read and, where `listed_samples` knows the shard's
-    size, how many were lost. (Python's tarfile takes a cut that falls on
-    a boundary between files, or inside a file's 512-byte header, for the end of the archive: such
-    a shard reads as a shorter one.)"""
+    """The raw samples of one shard, in order. A shard cut short or not a tar file yields its complete
+    samples, then raises ShardError naming it, the samples read and (`listed_samples`) those lost.
+    A cut on a boundary between files, or in a 512-byte header, reads as a shorter shard (tarfile
+    takes it for the end)."""
     cuts: list[tarfile.TarError] = []
 
     def stop_at_a_cut(err: Exception) -> bool:  # webdataset's handler: False ends the shard
@@ -175,8 +134,7 @@ def shard_samples(url: str) -> Iterator[dict]:
 
 
 def listed_samples(url: str) -> int | None:
-    """The samples that the shard writer put in the local shard `url`, as its `metadata.json` (in
-    the folder above the shard's) lists them; None where no such file lists the shard."""
+    """The samples of local shard `url` as the `metadata.json` in the folder above lists them, or None."""
     shard = Path(url)
     try:
         listed = json.loads((shard.parent.parent / "metadata.json").read_text())["shard_samples"]
@@ -189,10 +147,8 @@ HANDED_OVER = (ShardError, UndecodableImageError)  # what ends an evaluation pas
 
 
 def handed_over(batches: Iterator[Batch]) -> Iterator[Batch | Exception]:
-    """`batches`, then the error that ended them (HANDED_OVER), if one did, as the last item: the
-    loader raises it. A DataLoader worker's exception reaches the loader as a new one whose message
-    is the worker's whole traceback; handed over as an item, it stays the one-line message naming
-    the shard."""
+    """`batches`, then the HANDED_OVER error that ended them, if any, as the last item, for the loader
+    to raise: raised in a worker, it would reach the loader as the worker's whole traceback."""
     try:
         yield from batches
     except HANDED_OVER as err:
@@ -200,10 +156,9 @@ def handed_over(batches: Iterator[Batch]) -> Iterator[Batch | Exception]:
 
 
 def endless_samples(urls: list[str], rng: random.Random) -> Iterator[dict]:
-    """Raw samples of `urls`, pass after pass (the shard order reshuffled by `rng` for every pass
-    after the first), so that a reader never runs out within an epoch. A shard cut short gives the
-    samples before the cut and a warning, once per reader and epoch; the stream goes on with the
-    next shard, so the epoch keeps its length."""
+    """Raw samples of `urls`, pass after pass, reshuffled by `rng` after each. A shard cut short gives
+    the samples before the cut and a warning (once per reader and epoch). DataError when no shard
+    holds a readable sample."""
     urls, warned = list(urls), set()
     while True:
         count = 0
@@ -222,43 +177,22 @@ def endless_samples(urls: list[str], rng: random.Random) -> Iterator[dict]:
 
 
 @DATALOADERS.register("web_dataloader")
-class WebLoader:
-    """Batches `(views, labels)` from WebDataset shards (see the module docstring for the modes).
-
-    Args:
-        runtime: rank, world size and seed (given by the program).
-        shards: the shard files as a brace pattern (`.../imagenet-train-{000000..000639}.tar`).
-        dataset_size: samples in the shards (over all processes); training runs
-            `dataset_size // batch_size` steps per epoch.
-        shuffle: shuffle buffer in samples; 0 keeps the shard order (an evaluation pass).
-        batch_size: the global batch; each process yields batch_size / world_size samples per step.
-        num_workers: DataLoader worker processes per process.
-        train: a training pass (with `shuffle` > 0: endless shards, full batches, a fixed number of
-            steps); false: every sample once.
-        transform_type: the augmentation recipe (data_loader.transforms).
-        n_augs: views per image.
-        augment_on: 'cpu' (decode and augment in the workers) or 'gpu' (training only: the batches
-            hold the JPEG files, decoded and augmented on the GPU by the trainer; see
-            data_loader.gpu_augment).
-        decode_on: where the images are decoded; by default where they are augmented. 'cpu' with
-            augment_on 'gpu': the workers decode with PIL and hand over the pixels, the GPU augments.
-    """
+class WebLoader(Loader):
+    """Batches of `shards` (a brace pattern: `.../imagenet-train-{000000..000639}.tar`) holding
+    `dataset_size` samples. `shuffle`: the buffer in samples; 0 keeps the shard order, even with
+    `train` (an evaluation pass). In training each of the world_size x num_workers readers needs a
+    shard of its own (ConfigError)."""
 
     def __init__(self, runtime: LoaderRuntime, shards: str, dataset_size: int, shuffle: int, batch_size: int,
                  num_workers: int = 0, train: bool = True, transform_type: TransformType = "val", n_augs: int = 1,
                  augment_on: Literal["cpu", "gpu"] = "cpu", decode_on: DecodeOn = None):
-        self.runtime = runtime
         self.urls = list(braceexpand.braceexpand(shards))
+        super().__init__(runtime, batch_size, train and shuffle > 0, n_augs)
         self.dataset_size = dataset_size
         self.shuffle = shuffle
-        self.global_batch_size = batch_size
-        self.batch_size = per_process_batch(batch_size, runtime.world_size)
         self.num_workers = num_workers
-        self.training = train and shuffle > 0
-        self.gpu_recipe, self.transform = split_work(augment_on, decode_on, transform_type, n_augs, self.training)
-        self.n_augs = n_augs
-        self.epoch = 0
-        self.start_step = 0
+        self.gpu_recipe, self.transform = gpu_and_worker_steps(augment_on, decode_on, transform_type, n_augs,
+                                                               self.training)
         self._check()
 
     def _check(self) -> None:
@@ -277,13 +211,7 @@ class WebLoader:
 
     @property
     def num_samples(self) -> int:
-        """Samples in the shards (all processes together), as the config says."""
         return self.dataset_size
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Reshuffle for `epoch`; the next pass starts at batch `start_step` (a resumed epoch). The
-        batches before it are still read and dropped, so that the workers' random streams match."""
-        self.epoch, self.start_step = epoch, start_step
 
     def process_shards(self) -> list[str]:
         """This process's shards for the current epoch, in reading order."""
@@ -296,8 +224,7 @@ class WebLoader:
         return [self.urls[order[i]] for i in balanced_part(len(order), rank, world)]
 
     def __len__(self) -> int:
-        """Steps of one epoch on this process. Exact in training; in evaluation it assumes that every
-        shard holds dataset_size / len(shards) samples (true of the ImageNet shards of the configs)."""
+        """In evaluation an estimate: every shard is taken to hold dataset_size / len(shards) samples."""
         if self.training:
             return self.dataset_size // self.global_batch_size
         per_shard = self.dataset_size / len(self.urls)
@@ -307,10 +234,8 @@ class WebLoader:
                    for w in range(workers))
 
     def check_data(self, num_classes: Optional[int] = None, key: str = "num_classes") -> None:
-        """DataError when shard files given as local paths do not exist (URLs and `pipe:` commands
-        are not checked). With `num_classes` (the loader feeds an evaluator of that many classes),
-        also when the shard writer's `metadata.json` beside the shards' folder lists no classes
-        (unlabelled images) or more; without that file the labels show only when read."""
+        """Local shard files must exist (URLs and `pipe:` commands are not checked); the classes are
+        checked against the shard writer's `metadata.json` above the shards' folder, where it is."""
         local = [url for url in self.urls if "://" not in url and not url.startswith("pipe:")]
         missing = [url for url in local if not os.path.isfile(url)]
         if missing:
@@ -339,14 +264,12 @@ class WebLoader:
         rank, seed = self.runtime.rank, self.runtime.seed
         stream = ShardStream(self.process_shards(), self.transform, self.batch_size, self.training, self.shuffle,
                              seed_key=f"seed {seed}/epoch {self.epoch}/rank {rank}")
-        in_process = self.num_workers == 0 and self.gpu_recipe is None  # the CPU recipe runs here
-        batches = loader_batches(stream, epoch_generator(seed + 1, self.epoch, rank), self.num_workers, in_process)
+        batches = loader_batches(stream, epoch_generator(seed + 1, self.epoch, rank), self.num_workers,
+                                 self.gpu_recipe is None)
         if not self.training:
             for step, batch in enumerate(batches):
                 if isinstance(batch, HANDED_OVER):  # from `handed_over`
-                    # end the workers now: left to the traceback, which holds this frame, they would end
-                    # only when it is freed, and the DataLoader would then wait seconds on each
-                    batches.close()
+                    batches.close()  # ends the workers now, not when the traceback (holding this frame) is freed
                     raise batch
                 if step >= self.start_step:
                     yield batch

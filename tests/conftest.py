@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import logging
 import os
 import shutil
 import sys
@@ -27,6 +28,7 @@ import pytest  # noqa: E402
 
 import eval as eval_entry  # noqa: E402
 import train as train_entry  # noqa: E402
+from utils.logging import get_logger  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "examples" / "quickstart.yaml"
@@ -132,3 +134,16 @@ def copy_run(run: Path, save_dir: Path) -> Path:
 def small_quickstart(tmp_path):
     """Quickstart arguments for a short CPU run writing under tmp_path."""
     return ["--config", QUICKSTART, f"save_dir={tmp_path}", "--device", "cpu"]
+
+
+@pytest.fixture
+def warnings_of_groco(caplog):
+    """Captures the project logger's warnings (its propagation may be off once logging is set up)."""
+    logger = get_logger()
+    direct = not logger.propagate  # caplog's handler sits on the root logger
+    if direct:
+        logger.addHandler(caplog.handler)
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        yield caplog
+    if direct:
+        logger.removeHandler(caplog.handler)

@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import io
 import json
-import logging
 import multiprocessing
 import pickle
 import subprocess
@@ -42,7 +41,6 @@ from data_loader.webdata import WebLoader, balanced_part
 from preprocessing import create_tar_webdataset as shards_script
 from utils.config import ConfigError, build_block, check_block
 from utils.dist import free_port
-from utils.logging import get_logger
 from utils.registry import DATALOADERS
 
 GRAY = (55, 55, 55)  # off the colour grid below
@@ -172,19 +170,6 @@ def corrupt(tmp_path_factory) -> Data:
     entries = make_tree(root / "raw", CORRUPT_LAYOUT, first_colour=100)
     run_script(root / "raw", root / "out", "--train-shard-size", "3", "--val-shard-size", "3")
     return Data(root / "raw", root / "out", entries)
-
-
-@pytest.fixture
-def warnings_of_groco(caplog):
-    """Captures the project logger's warnings (its propagation may be off once logging is set up)."""
-    logger = get_logger()
-    direct = not logger.propagate  # caplog's handler sits on the root logger
-    if direct:
-        logger.addHandler(caplog.handler)
-    with caplog.at_level(logging.WARNING, logger=logger.name):
-        yield caplog
-    if direct:
-        logger.removeHandler(caplog.handler)
 
 
 # ----------------------------------------------------------------------------- the shard writer

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from data_loader.base import DataError, LoaderRuntime, epoch_generator, eval_shard, train_indices
+from data_loader.base import DataError, LoaderRuntime, balanced_part, epoch_generator, train_indices
 from data_loader.folder import ImageFolderLoader
 from model.encoder import ResNetEncoder
 from model.projection import MLPProjection, SSLModel
@@ -190,7 +190,8 @@ class TensorLoader:
         if self.training:
             gen = epoch_generator(0, self.epoch)
             return train_indices(len(self.y), self.global_batch_size, gen, self.rank, self.world, True)
-        return list(torch.tensor(eval_shard(len(self.y), self.rank, self.world)).split(self.batch_size))
+        part = balanced_part(len(self.y), self.rank, self.world, round_up=True)
+        return list(torch.tensor(part).split(self.batch_size))
 
     def __len__(self) -> int:
         return len(self.batches())

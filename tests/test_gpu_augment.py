@@ -344,14 +344,14 @@ def test_decode_batch_names_the_corrupt_image():
         assert err.value.index == 2
 
 
-def test_a_training_batch_replaces_undecodable_files_with_decodable_ones(caplog):
+def test_a_training_batch_replaces_undecodable_files_with_decodable_ones(warnings_of_groco):
     """Two undecodable files side by side take copies of the next good file (not of each other), one
     warning each; a batch with no decodable file is an error."""
     a, b = (jpeg_bytes(smooth_image(32, 48, seed=i)) for i in range(2))
     decoded = decode.decode_training_batch([a, b"not an image", a[: len(a) // 3], b], "cpu", "epoch 0, step 3")
     expected = decode.decode_batch([a, b, b, b], "cpu")
     assert len(decoded) == 4 and all(torch.equal(x, y) for x, y in zip(decoded, expected))
-    warnings = [r.getMessage() for r in caplog.records if "takes its place" in r.getMessage()]
+    warnings = [r.getMessage() for r in warnings_of_groco.records if "takes its place" in r.getMessage()]
     assert len(warnings) == 2 and all(w.startswith("epoch 0, step 3: image ") for w in warnings)
     with pytest.raises(RuntimeError, match="epoch 0, step 3: no image of the batch could be decoded"):
         decode.decode_training_batch([b"junk", a[:50]], "cpu", "epoch 0, step 3")
@@ -394,10 +394,10 @@ def test_a_torchvision_without_jpeg_decoding_asks_for_decode_on_cpu(monkeypatch)
     monkeypatch.delattr(torchvision.io, "decode_jpeg")
     assert decode.jpeg_decoder() is None
     with pytest.raises(ConfigError, match="set decode_on: 'cpu'"):
-        ga.split_work("gpu", None, "dino", 2, training=True)
+        ga.gpu_and_worker_steps("gpu", None, "dino", 2, training=True)
     with pytest.raises(RuntimeError, match="set decode_on: 'cpu'"):
         decode.decode_batch([jpeg_bytes(smooth_image(8, 8))], "cpu")
-    recipe, transform = ga.split_work("gpu", "cpu", "dino", 2, training=True)
+    recipe, transform = ga.gpu_and_worker_steps("gpu", "cpu", "dino", 2, training=True)
     assert isinstance(recipe, ga.GpuRecipe) and transform is image_array
 
 

@@ -27,7 +27,6 @@ from .test_data import (
     shard_keys,
     small_config,
     view_colours,
-    warnings_of_groco,  # noqa: F401 (a fixture)
     web,
 )
 
@@ -88,7 +87,7 @@ def test_a_file_that_is_no_tar_is_a_shard_error(tmp_path):
 
 
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
-def test_training_reads_on_past_a_cut_shard(shards, num_workers, warnings_of_groco):  # noqa: F811 (the fixture)
+def test_training_reads_on_past_a_cut_shard(shards, num_workers, warnings_of_groco):
     """48 samples an epoch from the 22 readable ones: the reader holding the cut shard reads it at
     least twice, yet every batch is full and the epoch has its length; the two samples after the
     cut never appear, all the others do. One warning names the shard (checked without workers: a
@@ -106,7 +105,7 @@ def test_training_reads_on_past_a_cut_shard(shards, num_workers, warnings_of_gro
         assert "2 of its 4 samples read before the cut, 2 lost" in warnings[0] and "skips the rest" in warnings[0]
 
 
-def test_a_reader_whose_shards_hold_no_readable_sample_stops(tmp_path, warnings_of_groco):  # noqa: F811
+def test_a_reader_whose_shards_hold_no_readable_sample_stops(tmp_path, warnings_of_groco):
     """Rather than stream nothing forever: a DataError naming the shards, after one warning each."""
     shard = tmp_path / "imagenet-train-000000.tar"
     shard.write_bytes(b"<html>not found</html>" * 50)
