@@ -25,7 +25,7 @@ from utils.dist import LaunchError, ProcessInfo, free_port, init_process
 from utils.rng import resolve_seed
 from utils.schema import validate
 
-from .conftest import QUICKSTART, ROOT, SMALL_COMPILE, copy_run, only_run_dir
+from .conftest import GENTLE_LR, QUICKSTART, ROOT, SMALL_COMPILE, copy_run, only_run_dir
 
 BATCH, DIM = 12, 16
 LOSSES = {
@@ -174,7 +174,7 @@ def test_torchrun_with_compile_trains_like_eager(tmp_path):
     for mode in ("false", "true"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                "--distributed", "--world-size", "2", "--config", str(QUICKSTART), "--epochs", "1", "evaluator=null",
-               "trainer.init_val=false", *SMALL_COMPILE, f"trainer.compile={mode}",
+               "trainer.init_val=false", *SMALL_COMPILE, *GENTLE_LR, f"trainer.compile={mode}",
                f"save_dir={tmp_path / mode}"]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]

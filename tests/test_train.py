@@ -24,7 +24,17 @@ from utils.config import load_config
 from utils.dist import ProcessInfo
 from utils.schema import validate
 
-from .conftest import QUICKSTART, ROOT, SMALL_COMPILE, copy_run, last_json_line, only_run_dir, run_eval, run_train
+from .conftest import (
+    GENTLE_LR,
+    QUICKSTART,
+    ROOT,
+    SMALL_COMPILE,
+    copy_run,
+    last_json_line,
+    only_run_dir,
+    run_eval,
+    run_train,
+)
 
 FAST = ["evaluator=null", "trainer.init_val=false"]
 
@@ -41,7 +51,7 @@ def test_dry_run_prints_settings_and_json_summary(tmp_path):
     summary = last_json_line(out.stdout)
     assert summary["learning_rate"] == pytest.approx(32.0)  # 4.0 * 32 * 256 / 1024
     assert summary["batch_size_per_process"] == 256 and summary["epochs"] == 50 and summary["loss"] == "GroCo"
-    assert summary["steps_per_epoch"] == 5 and summary["warmup_steps"] == 10 and summary["total_steps"] == 250
+    assert summary["steps_per_epoch"] == 5 and summary["warmup_steps"] == 5 and summary["total_steps"] == 250
     assert "base_learning_rate: 4.0" in out.stdout
     if not torch.cuda.is_available():
         assert "running on the CPU (no CUDA device found)" in out.stderr
@@ -427,7 +437,7 @@ def test_channels_last_computes_the_same(tmp_path, small_quickstart):
     """trainer.channels_last changes the memory layout, not the numbers (beyond rounding)."""
     base = [a for a in small_quickstart if not str(a).startswith("save_dir=")]
     for layout in ("false", "true"):
-        assert run_train(*base, f"save_dir={tmp_path / layout}", "--epochs", "1", *FAST,
+        assert run_train(*base, f"save_dir={tmp_path / layout}", "--epochs", "1", *FAST, *GENTLE_LR,
                          f"trainer.channels_last={layout}") == 0
     plain, nhwc = (_step_losses(only_run_dir(tmp_path / layout, "quickstart")) for layout in ("false", "true"))
     assert len(plain) == 5 and plain == pytest.approx(nhwc, rel=1e-3)
@@ -439,7 +449,7 @@ def test_compile_computes_the_same(tmp_path, small_quickstart):
     the model and the loss compiled to the same step losses as eager, and its metrics survive."""
     base = [a for a in small_quickstart if not str(a).startswith("save_dir=")]
     for mode in ("false", "reduce-overhead"):
-        assert run_train(*base, f"save_dir={tmp_path / mode}", "--epochs", "1", *FAST, *SMALL_COMPILE,
+        assert run_train(*base, f"save_dir={tmp_path / mode}", "--epochs", "1", *FAST, *SMALL_COMPILE, *GENTLE_LR,
                          "trainer.log_step=2", f"trainer.compile={mode}") == 0
     eager, compiled = (_step_losses(only_run_dir(tmp_path / m, "quickstart")) for m in ("false", "reduce-overhead"))
     assert len(compiled) == 5 and compiled == pytest.approx(eager, rel=1e-3)
