@@ -187,12 +187,13 @@ def test_torchrun_with_compile_trains_like_eager(tmp_path):
 
 
 def _launch_pair(argv: list[str], port: int, **extra_env: str) -> list[subprocess.Popen]:
-    """Two train.py processes started the way srun starts them (SLURM_PROCID / SLURM_NTASKS)."""
+    """Two train.py processes started the way srun starts them on one node (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID)."""
     procs = []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1")
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NODEID="0",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         env.pop("SLURM_JOB_ID", None)  # no requeue unless asked
         env.update(extra_env)
         procs.append(subprocess.Popen([sys.executable, "train.py", "--distributed", "--world-size", "2", *argv],

@@ -62,21 +62,64 @@ def get_world_size() -> int:
 
 
 def launch_env() -> dict[str, int] | None:
-    """Rank, world size and local rank from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or from
-    SLURM's srun (SLURM_PROCID, SLURM_NTASKS, local GPU = rank modulo GPUs per node); None when
-    neither launcher set them."""
+    """Rank, world size, local rank (the process's index among those of its node) and node rank from
+    torchrun (RANK, WORLD_SIZE, LOCAL_RANK, GROUP_RANK) or from SLURM's srun (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID); None when neither launcher set them. Under srun the
+    local rank is SLURM's own index of the task on its node, right for any placement (`-m block`
+    or `-m cyclic`); the rank modulo the GPUs per node is right for block placement only."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return {
             "rank": int(env["RANK"]),
             "world_size": int(env["WORLD_SIZE"]),
             "local_rank": int(env.get("LOCAL_RANK", 0)),
+            "node_rank": int(env.get("GROUP_RANK", 0)),
         }
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank = int(env["SLURM_PROCID"])
-        gpus = max(torch.cuda.device_count(), 1)
-        return {"rank": rank, "world_size": int(env["SLURM_NTASKS"]), "local_rank": rank % gpus}
+        return {
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": int(env["SLURM_NTASKS"]),
+            "local_rank": int(env.get("SLURM_LOCALID", 0)),
+            "node_rank": int(env.get("SLURM_NODEID", 0)),
+        }
     return None
+
+
+def local_device_index(local_rank: int, visible: int) -> int:
+    """The GPU, among the `visible` ones this process sees, of the process of local rank
+    `local_rank`: its local rank, clamped to the last visible GPU. Where every task sees all GPUs
+    of its node, local rank i takes GPU i; where a task sees only its own (srun --gpus-per-task=1,
+    --gpu-bind), it takes the first of them. More processes than GPUs on a node give two processes
+    one GPU, which `check_distinct_devices` reports."""
+    return max(0, min(local_rank, visible - 1))
+
+
+def device_slot(local_rank: int, node_rank: int, device: torch.device) -> tuple[tuple[str, ...], str]:
+    """What no two processes may share, and how to name it: on CUDA the GPU itself (its host and
+    UUID, the same whatever CUDA_VISIBLE_DEVICES numbers it); on the CPU, where the processes share
+    the cores, the local rank on the node (host and the launcher's node rank), that is the GPU the
+    process would take on a GPU node."""
+    host = socket.gethostname()
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or f"index {index}")
+        return (host, uuid), f"GPU {index} of {host} ({uuid})"
+    return (host, str(node_rank), str(local_rank)), f"local rank {local_rank} of node {node_rank} ({host})"
+
+
+def check_distinct_devices(slots: list[tuple[tuple[str, ...], str]]) -> None:
+    """LaunchError in one line naming the first two ranks (list index = rank) with the same slot
+    (`device_slot`): two processes that would take one GPU."""
+    first: dict[tuple[str, ...], int] = {}
+    for rank, (key, label) in enumerate(slots):
+        key = tuple(key)
+        if key in first:
+            raise LaunchError(
+                f"ranks {first[key]} and {rank} of {len(slots)} both take {label}: each process needs a GPU of "
+                "its own (srun: --ntasks-per-node at most --gpus-per-node, or --gpus-per-task=1; torchrun: "
+                "--nproc_per_node at most the GPUs of the node)"
+            )
+        first[key] = rank
 
 
 def init_process(distributed: bool, world_size: int, dist_url: str, device: str, gpu: int | None,
@@ -85,7 +128,9 @@ def init_process(distributed: bool, world_size: int, dist_url: str, device: str,
     processes, see `rendezvous`); pick the device.
 
     NCCL on CUDA, gloo on the CPU. `--distributed` without a launcher's variables is an error,
-    never a silent single-process run.
+    never a silent single-process run. Each process takes the GPU of its local rank
+    (`local_device_index`); two processes that would take one GPU (on the CPU: two with one local
+    rank on one node) are a LaunchError on every process, once all have joined.
     """
     use_cuda = device == "cuda" and torch.cuda.is_available()
     if not distributed:
@@ -106,7 +151,7 @@ def init_process(distributed: bool, world_size: int, dist_url: str, device: str,
         if missing:
             raise LaunchError(f"--distributed with --dist-url env:// needs {' and '.join(missing)} in the environment")
     if use_cuda:
-        dev = torch.device("cuda", launch["local_rank"])
+        dev = torch.device("cuda", local_device_index(launch["local_rank"], torch.cuda.device_count()))
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
@@ -117,6 +162,15 @@ def init_process(distributed: bool, world_size: int, dist_url: str, device: str,
     global _control_group
     # A CPU group for control messages (the stop flag every step) that never waits on the GPU.
     _control_group = dist.new_group(backend="gloo") if use_cuda else None
+    # Before any NCCL communicator exists (two processes on one GPU make NCCL fail or hang), over gloo.
+    slots: list = [None] * launch["world_size"]
+    dist.all_gather_object(slots, device_slot(launch["local_rank"], launch["node_rank"], dev),
+                           group=_control_group)
+    try:
+        check_distinct_devices(slots)
+    except LaunchError:
+        shutdown()  # every process has the same slots and stops here, with the same line
+        raise
     return ProcessInfo(launch["rank"], launch["world_size"], launch["local_rank"], dev)
 
 
