@@ -5,10 +5,16 @@ once, in float32 whatever `trainer.mixed_precision` says (as the reference code 
     python eval.py --config configs/eval_knn.yaml --resume CKPT [--name N] [--gpu 0] [--results-json PATH]
     torchrun --standalone --nproc_per_node=4 eval.py --distributed --world-size 4 \\
         --config configs/eval_linear_probing.yaml --resume CKPT -name N
+    python eval.py --config CONFIG --weights FILE [--weights-format auto|groco|torchvision|dino|moco|...]
+
+`--weights` evaluates the encoder of the config's `encoder` block with the weights of another
+method's checkpoint (trainer/weights.py: the formats, how they are told apart, strict loading).
+`results.json` records the weights file and its format under `weights`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -22,6 +28,7 @@ from trainer.cli import print_summary, run_entry
 from trainer.precision import make_precision
 from trainer.run_dir import RunDir, write_json
 from trainer.tracking import Tracker, track
+from trainer.weights import load_weights
 from utils.config import ConfigError
 from utils.logging import log_to_file
 from utils.rng import seed_everything
@@ -41,11 +48,21 @@ def evaluate(args, config, exp, checkpoint, proc) -> int:
     seed = exp.seed if exp.seed is not None else 0
     seed_everything(seed)
     encoder = build_encoder(exp).to(proc.device)
-    if checkpoint is not None:
+    weights = None  # what results.json records: the file and its format
+    if args.weights:
+        trunk = load_weights(encoder, args.weights, args.weights_format,
+                             target=f"the config's encoder {json.dumps(exp.encoder)}")
+        weights = {"path": str(args.weights), "format": trunk.format}
+    elif checkpoint is not None:
         load_module_state(encoder, checkpoint["encoder"], f"{args.resume}: encoder")
-        log.info("encoder loaded from %s (epoch %s done)", args.resume, checkpoint.get("epoch"))
+        weights = {"path": str(args.resume), "format": "groco"}
+        if isinstance(checkpoint.get("imported_from"), dict):  # pretrained/import_weights.py
+            weights["imported_from"] = checkpoint["imported_from"]
+            log.info("encoder loaded from %s (imported from %s)", args.resume, checkpoint["imported_from"])
+        else:
+            log.info("encoder loaded from %s (epoch %s done)", args.resume, checkpoint.get("epoch"))
     else:
-        log.warning("no --resume: evaluating a randomly initialised encoder")
+        log.warning("no --resume or --weights: evaluating a randomly initialised encoder")
     evaluations = build_evaluations(exp, LoaderRuntime(proc.rank, proc.world_size, seed), proc.distributed)
     precision = make_precision(False, proc.device)
     if args.dry_run:
@@ -63,7 +80,7 @@ def evaluate(args, config, exp, checkpoint, proc) -> int:
                         config["name"], config, run.path, neptune=args.neptune, seed=seed)
     else:
         metrics = run_evaluations(evaluations, encoder, proc, precision, Tracker())
-    results = {"initial": {}, "final": metrics}
+    results = {"initial": {}, "final": metrics, "weights": weights}
     if run is not None:
         write_json(run.results, results)
         if args.results_json:

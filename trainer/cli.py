@@ -15,6 +15,7 @@ from trainer.checkpoint import CheckpointError, find_latest_checkpoint, load_che
 from trainer.preemption import Preempted, requeue_under_slurm
 from trainer.tracking import check_neptune
 from trainer.trainer import NonFiniteLossError
+from trainer.weights import CHOICES as WEIGHT_FORMATS
 from utils.config import ConfigError, apply_overrides, deep_merge, load_config, read_yaml
 from utils.dist import DIST_TIMEOUT_S, WAIT_LOG_S, LaunchError, init_process, launch_env, max_over_processes, shutdown
 from utils.files import WriteError
@@ -24,7 +25,8 @@ from utils.schema import validate
 log = logging.getLogger("groco")
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str, evaluation: bool = False) -> argparse.ArgumentParser:
+    """The options of train.py; with `evaluation` also eval.py's `--weights` and `--weights-format`."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("-c", "--config", help="config file (YAML)")
     p.add_argument("-r", "--resume", help="checkpoint to continue from (its folder's config.yaml is used), or "
@@ -46,6 +48,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="build everything, read no data, print the settings and a JSON summary, exit")
     p.add_argument("--results-json", type=Path, help="write the run's metrics to this JSON file")
+    if evaluation:
+        p.add_argument("--weights", help="evaluate the config's encoder with the weights of this file: another "
+                       "method's checkpoint or a ResNet state dict (not with --resume)")
+        p.add_argument("--weights-format", default="auto", choices=WEIGHT_FORMATS,
+                       help="the layout of the --weights file (default auto: told by its structure)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override any config value")
     return p
 
@@ -71,6 +78,13 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--gpu {args.gpu} contradicts --device cpu: give one of them")
     if args.gpu is not None and args.distributed:
         raise ConfigError(f"--gpu {args.gpu} contradicts --distributed: each process takes the GPU of its local rank")
+    weights = getattr(args, "weights", None)
+    if weights and args.resume:
+        raise ConfigError(f"--weights {weights} and --resume {args.resume} are exclusive: give one of them")
+    if getattr(args, "weights_format", "auto") != "auto" and not weights:
+        raise ConfigError(f"--weights-format {args.weights_format} needs --weights")
+    if weights and not args.config:
+        raise ConfigError(f"--weights {weights} needs --config: its encoder block builds the encoder")
     overridden = {item.partition("=")[0]: item for item in args.overrides}
     for flag, attr, key in FLAG_KEYS:
         if getattr(args, attr) is not None and key in overridden:
@@ -111,6 +125,9 @@ def resolve_config(args: argparse.Namespace, training: bool = True) -> tuple[dic
     if args.init_val is not None:
         overrides.append(f"trainer.init_val={'true' if args.init_val else 'false'}")
     config = apply_overrides(config, overrides)
+    if getattr(args, "weights", None) and not isinstance(config.get("encoder"), dict):
+        raise ConfigError("encoder: --weights needs the encoder its weights are for, in the config or as an "
+                          "override: 'encoder={type: RegularEncoder, args: {arch: resnet50}}'")
     if args.name:
         config["name"] = args.name
     elif args.config:
@@ -147,7 +164,7 @@ def run_entry(description: str, job: Callable, argv: Optional[list[str]], traini
     """Parse, resolve and check the config, set up the process, run `job(args, config, exp,
     checkpoint, proc)`. Exit status: 0 finished; 1 a non-finite loss or a failed write; 2 a bad
     config, checkpoint or launch (one logged line, nothing created); 128 + N stopped by signal N."""
-    args = build_parser(description).parse_intermixed_args(argv)
+    args = build_parser(description, evaluation=not training).parse_intermixed_args(argv)
     launch = launch_env() if args.distributed else None
     setup_logging(launch["rank"] if launch else 0)  # the rank is known before the process group is
     if args.dry_run and args.results_json:
