@@ -41,17 +41,23 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     write_bytes_atomic(path, data.getbuffer())
 
 
+def read_state(path: str | Path, what: str = "checkpoint") -> Any:
+    """The file's contents read to the CPU with `weights_only` (nothing executed, ALLOWED_TYPES
+    allowed); CheckpointError, in one line, when absent, unreadable or needing another type."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        with allowing(ALLOWED_TYPES):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise CheckpointError(refusal(path, err)) from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint read to the CPU without executing anything; CheckpointError, in one line, when
     absent, unreadable, needing a type not allowed, or not a checkpoint of this project."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with allowing(ALLOWED_TYPES):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(refusal(path, err)) from None
+    state = read_state(path)
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint of this project: it needs the keys {list(REQUIRED_KEYS)}")
     return state

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from model.encoder import RESNET_LAYOUTS
-from trainer.checkpoint import ALLOWED_TYPES, CheckpointError, allowing, refusal, unwrap
+from trainer.checkpoint import CheckpointError, read_state, unwrap
 
 log = logging.getLogger("groco")
 
@@ -140,14 +140,7 @@ class Trunk:
 def read_weights(path: str | Path) -> dict:
     """The file's contents, read to the CPU without executing anything; CheckpointError in one line
     when absent, unreadable, needing a type not allowed, or not a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    try:
-        with allowing(ALLOWED_TYPES):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(refusal(path, err)) from None
+    state = read_state(path, "weights file")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a weights file: it holds a {type(state).__name__}, not a dict of "
                               f"state dicts")
