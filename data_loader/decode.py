@@ -15,7 +15,8 @@ from torchvision.transforms.functional import pil_to_tensor
 from data_loader.transforms import PackedFiles
 from utils.logging import get_logger
 
-NO_JPEG_DECODER = ("augment_on: 'gpu' decodes with torchvision.io.decode_jpeg, which torchvision {} does not have; "
+NO_JPEG_DECODER = ("augment_on: 'gpu' decodes with TorchCodec's decode_jpeg or torchvision.io.decode_jpeg: TorchCodec "
+                   "is not installed (or does not load with this torch) and torchvision {} does not have one; "
                    "set decode_on: 'cpu' to decode in the loader workers")
 
 
@@ -90,13 +91,40 @@ def file_tensors(files: ImageFiles) -> list[torch.Tensor]:
     return [f if isinstance(f, torch.Tensor) else torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
 
 
+@functools.cache
+def torchcodec_decode_jpeg() -> Callable | None:
+    """TorchCodec's `decode_jpeg`, or None where TorchCodec is not installed or does not load (a build
+    for another torch fails with OSError or RuntimeError as its native library loads). Tried once."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError, RuntimeError):
+        return None
+    return decode_jpeg
+
+
+_announced: str | None = None  # the decoder the log last named
+
+
+def _announce(name: str) -> None:
+    global _announced
+    if _announced != name:
+        _announced = name
+        get_logger().info("augment_on: 'gpu' decodes JPEGs with %s", name)
+
+
 def jpeg_decoder() -> Callable | None:
-    """torchvision's `decode_jpeg` to RGB (batched, nvJPEG on CUDA) as `(data, device=...)`, or None
-    where the installed torchvision lacks it."""
+    """A batched JPEG decoder to RGB (nvJPEG on CUDA) called as `(data, device=...)`, where `data` is
+    one 1-D uint8 CPU tensor or a list of them: TorchCodec's `decode_jpeg` where it loads, else
+    torchvision's (deprecated since 0.29), else None. The first call logs which one."""
+    decode_jpeg = torchcodec_decode_jpeg()
+    if decode_jpeg is not None:
+        _announce("TorchCodec (torchcodec.decoders.decode_jpeg)")
+        return functools.partial(decode_jpeg, mode="RGB")
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
         return None
+    _announce("torchvision.io.decode_jpeg")
     return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
 
 

@@ -386,12 +386,14 @@ def test_packed_images_round_trip_and_give_the_views_of_the_files():
 
 
 def test_a_torchvision_without_jpeg_decoding_asks_for_decode_on_cpu(monkeypatch):
-    """torchvision 0.29 deprecated its decoders for TorchCodec: where a later version has none, a GPU
-    recipe that would decode on the device is a config error that says what to set instead."""
+    """torchvision 0.29 deprecated its decoders for TorchCodec: with neither (a later torchvision
+    without one, no TorchCodec), a GPU recipe that would decode on the device is a config error that
+    says what to set instead."""
     import torchvision.io
 
     assert decode.jpeg_decoder() is not None  # this torchvision has one
     monkeypatch.delattr(torchvision.io, "decode_jpeg")
+    monkeypatch.setattr(decode, "torchcodec_decode_jpeg", lambda: None)
     assert decode.jpeg_decoder() is None
     with pytest.raises(ConfigError, match="set decode_on: 'cpu'"):
         ga.gpu_and_worker_steps("gpu", None, "dino", 2, training=True)
@@ -399,6 +401,86 @@ def test_a_torchvision_without_jpeg_decoding_asks_for_decode_on_cpu(monkeypatch)
         decode.decode_batch([jpeg_bytes(smooth_image(8, 8))], "cpu")
     recipe, transform = ga.gpu_and_worker_steps("gpu", "cpu", "dino", 2, training=True)
     assert isinstance(recipe, ga.GpuRecipe) and transform is image_array
+
+
+def pil_rgb(raw: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).copy()).permute(2, 0, 1)
+
+
+@pytest.fixture
+def fresh_decoder_choice(monkeypatch):
+    """jpeg_decoder looks for TorchCodec again and logs its choice again; afterwards as it found it."""
+    decode.torchcodec_decode_jpeg.cache_clear()
+    monkeypatch.setattr(decode, "_announced", None)
+    yield
+    decode.torchcodec_decode_jpeg.cache_clear()
+
+
+def test_torchcodec_decodes_like_torchvision_and_pil(fresh_decoder_choice):
+    """TorchCodec's decode_jpeg (the decoder where it is installed) takes decode_batch's calls, a list
+    of 1-D uint8 tensors or one tensor, and gives torchvision's pixels, RGB for grey JPEGs too."""
+    import warnings
+
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as torchvision_jpeg
+
+    images = [smooth_image(375, 500), smooth_image(333, 500, seed=1), smooth_image(77, 51, seed=2)]
+    data = [jpeg_bytes(images[0]), jpeg_bytes(images[1], mode="L"), jpeg_bytes(images[2])]
+    tensors = decode.file_tensors(data)
+    torchcodec_jpeg = decode.torchcodec_decode_jpeg()
+    if torchcodec_jpeg is None:  # pytest.importorskip, counting a TorchCodec that does not load as absent
+        pytest.skip("TorchCodec is not installed or does not load with this torch")
+    chosen = decode.jpeg_decoder()
+    assert chosen.func is torchcodec_jpeg
+    batch = chosen(tensors, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's decoders, deprecated in 0.29
+        reference = torchvision_jpeg(tensors, mode=ImageReadMode.RGB, device="cpu")
+    for one, many, theirs, raw in zip(tensors, batch, reference, data):
+        assert many.dtype == torch.uint8 and many.shape == theirs.shape and many.shape[0] == 3
+        assert torch.equal(many, chosen(one, device="cpu"))
+        assert torch.equal(many, theirs)
+        assert (many.int() - pil_rgb(raw).int()).abs().max() <= 2
+    with pytest.raises(RuntimeError):  # decode_batch's retry one by one and PIL fallback rely on it
+        chosen([tensors[0], tensors[0][: len(tensors[0]) // 3]], device="cpu")
+    assert chosen([], device="cpu") == []
+
+
+@pytest.mark.parametrize("failure", [None, OSError, RuntimeError])
+def test_jpeg_decoder_falls_back_to_torchvision_and_logs_once(failure, fresh_decoder_choice, monkeypatch, caplog):
+    """Where TorchCodec is missing (ImportError) or does not load (OSError, RuntimeError: a build for
+    another torch), the GPU recipes decode with torchvision, said once in the log; the pixels and the
+    PIL fallbacks are those of TorchCodec (the test above)."""
+    import importlib.abc
+    import logging
+    import sys
+
+    class BrokenTorchcodec(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torchcodec" or name.startswith("torchcodec."):
+                if failure is None:
+                    raise ImportError(f"No module named {name!r}")
+                raise failure(f"{name}: could not load libtorchcodec_core for this torch")
+            return None
+
+    for name in [m for m in sys.modules if m == "torchcodec" or m.startswith("torchcodec.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [BrokenTorchcodec(), *sys.meta_path])
+    logger = decode.get_logger()
+    monkeypatch.setattr(logger, "propagate", True)
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        chosen = decode.jpeg_decoder()
+        image = smooth_image(60, 80)
+        files = [jpeg_bytes(image), jpeg_bytes(image, mode="L"), jpeg_bytes(image, mode="CMYK")]
+        decoded = [decode.decode_batch(files, "cpu") for _ in range(3)]
+        assert decode.jpeg_decoder().func is chosen.func
+    import torchvision.io
+
+    assert decode.torchcodec_decode_jpeg() is None and chosen.func is torchvision.io.decode_jpeg
+    said = [r.getMessage() for r in caplog.records if "decodes JPEGs with" in r.getMessage()]
+    assert said == ["augment_on: 'gpu' decodes JPEGs with torchvision.io.decode_jpeg"]
+    for tensor, raw in zip(decoded[0], files):
+        assert tensor.shape == (3, 60, 80) and (tensor.int() - pil_rgb(raw).int()).abs().max() <= 2
 
 
 @pytest.mark.gpu
