@@ -26,7 +26,9 @@ from trainer.build import (
 )
 from trainer.checkpoint import checkpoint_step
 from trainer.cli import print_summary, run_entry
+from trainer.loggers import open_sinks
 from trainer.precision import make_precision
+from trainer.preemption import Preempted
 from trainer.run_dir import RunDir, write_json
 from trainer.tracking import Tracker, track
 from trainer.trainer import Trainer
@@ -77,13 +79,23 @@ def train(args, config, exp, checkpoint, proc) -> int:
     if run is None:
         trainer.fit(Tracker())
         return 0
+    sinks = open_sinks(run.path, config, exp.save_dir, proc.world_size, args.mlflow, args.tensorboard,
+                       checkpoint["step"] if in_place else None, tuple(run.read_metrics()) if in_place else ())
+    status = "FAILED"
     try:
-        results = track(trainer.fit, config["name"], config, run.path, neptune=args.neptune, seed=seed)
+        results = track(trainer.fit, config["name"], config, run.path, neptune=args.neptune, seed=seed, sinks=sinks)
         write_json(run.results, results)
         if args.results_json:
             write_json(args.results_json, results)
+        status = "FINISHED"
     except WriteError as err:  # a full disk: where to continue from, in the same line
         raise WriteError(f"{err}; the last complete checkpoint: {run.last_checkpoint()}") from None
+    except (Preempted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    finally:
+        for sink in sinks:
+            sink.close(status, (run.results, run.path / "config.yaml") if status == "FINISHED" else ())
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from trainer.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
+from trainer.loggers import check_trackers
 from trainer.preemption import Preempted, requeue_under_slurm
 from trainer.tracking import check_neptune
 from trainer.trainer import NonFiniteLossError
@@ -31,7 +32,11 @@ def build_parser(description: str, evaluation: bool = False) -> argparse.Argumen
     p.add_argument("-c", "--config", help="config file (YAML)")
     p.add_argument("-r", "--resume", help="checkpoint to continue from (its folder's config.yaml is used), or "
                    "'auto': the newest complete checkpoint of this config's runs, if any")
-    p.add_argument("-n", "--neptune", action="store_true", help="also log to Neptune")
+    p.add_argument("-n", "--neptune", action="store_true", help="also log to a (self-hosted) Neptune server")
+    if not evaluation:
+        p.add_argument("--mlflow", action="store_true", help="also log to MLflow (MLFLOW_TRACKING_URI, default a "
+                       "SQLite file save_dir/mlflow.db)")
+        p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events in the run folder")
     p.add_argument("--name", "-name", help="run name (default: the config file's name)")
     p.add_argument("--distributed", action="store_true", help="one process per GPU under torchrun or srun")
     p.add_argument("--world-size", type=int, default=1, help="number of processes (with --distributed)")
@@ -176,6 +181,7 @@ def run_entry(description: str, job: Callable, argv: Optional[list[str]], traini
         exp = validate(config, world_size=args.world_size if args.distributed else 1, training=training)
         if args.neptune:
             check_neptune()  # credentials and packages, before anything starts
+        check_trackers(getattr(args, "mlflow", False), getattr(args, "tensorboard", False))
         proc = init_process(args.distributed, args.world_size, args.dist_url, args.device, args.gpu,
                             args.dist_timeout)
         setup_logging(proc.rank)

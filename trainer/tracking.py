@@ -16,7 +16,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import humanize
 import psutil
@@ -58,27 +58,41 @@ class _Stopped(SacredInterrupt):
 
 
 class Tracker:
-    """Where metrics go: a Sacred run (and its observers), or nowhere (`Tracker()`)."""
+    """Where metrics go: a Sacred run (and its observers), or nowhere (`Tracker()`); and the sinks
+    beside it (trainer/loggers.py: MLflow, TensorBoard), which take each call's scalars at once."""
 
-    def __init__(self, run: Optional[Run] = None):
+    def __init__(self, run: Optional[Run] = None, sinks: Sequence = ()):
         self._run = run
+        self.sinks = list(sinks)
 
     @property
     def active(self) -> bool:
-        return self._run is not None
+        return self._run is not None or bool(self.sinks)
 
     def log_scalar(self, name: str, value: float, step: int) -> None:
         if self._run is not None:
             self._run.log_scalar(name, float(value), int(step))
+        for sink in self.sinks:
+            sink.log_metrics({name: float(value)}, step)
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int, prefix: str = "") -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int, prefix: str = "",
+                    global_step: Optional[int] = None) -> None:
         """Log every finite number in `metrics` as `prefix + name` at `step`, except flags and the
-        `step` and `epoch` entries."""
-        for name, value in metrics.items():
-            if name in SKIPPED_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if math.isfinite(value):
-                self.log_scalar(prefix + name, value, step)
+        `step` and `epoch` entries; the sinks take them at `global_step` when given (the optimisation
+        steps done, for an epoch's record), else at `step`."""
+        values = {prefix + name: value for name, value in loggable(metrics).items()}
+        if self._run is not None:
+            for name, value in values.items():
+                self._run.log_scalar(name, float(value), int(step))
+        for sink in self.sinks:
+            sink.log_metrics(values, step if global_step is None else global_step)
+
+
+def loggable(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of `metrics`, except flags and the `step` and `epoch` entries."""
+    return {name: value for name, value in metrics.items()
+            if name not in SKIPPED_KEYS and not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value)}
 
 
 def check_neptune(environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
@@ -98,11 +112,12 @@ def check_neptune(environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
 
 
 def track(job: Callable[[Tracker], T], name: str, config: dict, run_dir: str | Path, neptune: bool = False,
-          seed: Optional[int] = None, environ: Mapping[str, str] = os.environ) -> T:
+          seed: Optional[int] = None, environ: Mapping[str, str] = os.environ, sinks: Sequence = ()) -> T:
     """`job(tracker)`'s result, run as a Sacred run recorded in `run_dir/sacred` (and on Neptune when
     asked); its exceptions propagate, marking the run FAILED (INTERRUPTED for KeyboardInterrupt and
     `Preempted`). `seed` is recorded as Sacred's (default: the config's); the generators' state is put
-    back after Sacred re-seeds them, so a tracked run computes what an untracked one does.
+    back after Sacred re-seeds them, so a tracked run computes what an untracked one does. `sinks`
+    (trainer/loggers.py) take the same scalars beside Sacred.
     TrackingError when Neptune cannot start; WriteError when Sacred cannot write its first records."""
     credentials = check_neptune(environ) if neptune else None
     experiment = Experiment(name, base_dir=str(ROOT), save_git_info=False)
@@ -122,7 +137,7 @@ def track(job: Callable[[Tracker], T], name: str, config: dict, run_dir: str | P
         started.append(True)
         set_rng_state(state)
         try:
-            return job(Tracker(_run))
+            return job(Tracker(_run, sinks))
         except Preempted as err:
             raise _Stopped(err) from err
 

@@ -243,7 +243,8 @@ class Trainer:
                                                            if k not in ("epoch",)))
         if self.run_dir is not None:
             self.run_dir.append_metrics([record])
-        self.tracker.log_metrics(record, step=record["epoch"] + 1, prefix="epoch/")
+        self.tracker.log_metrics(record, step=record["epoch"] + 1, prefix="epoch/",
+                                 global_step=record["step"])
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
