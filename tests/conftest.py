@@ -7,7 +7,10 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 # Before torch loads: inductor writes scalar C++ for the CPU in the tests (and in the processes they
@@ -151,3 +154,22 @@ def warnings_of_groco(caplog):
         yield caplog
     if direct:
         logger.removeHandler(caplog.handler)
+
+
+def signal_after_steps(argv: list, runs: Path, steps: int, timeout: float = 120,
+                       signum: int = signal.SIGTERM) -> tuple[Path | None, int, str]:
+    """Start `train.py *argv`; once its run folder under `runs` (save_dir/models/<name>) has logged
+    `steps` step lines, send it `signum` (a point the run reports, not a delay). Returns the run
+    folder (None if the signal was never sent), the exit status and stderr."""
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, argv)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    run, deadline = None, time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        found = list(runs.glob("*/metrics.jsonl"))
+        if found and sum('"loss"' in line for line in found[0].read_text().splitlines()) >= steps:
+            run = found[0].parent
+            proc.send_signal(signum)
+            break
+        time.sleep(0.05)
+    err = proc.communicate(timeout=timeout)[1]
+    return run, proc.returncode, err

@@ -43,6 +43,8 @@ from utils.config import ConfigError, build_block, check_block
 from utils.dist import free_port
 from utils.registry import DATALOADERS
 
+from .conftest import signal_after_steps
+
 GRAY = (55, 55, 55)  # off the colour grid below
 
 
@@ -863,7 +865,6 @@ def test_sigterm_while_prefetching_saves_and_resumes_exactly(data, tmp_path):
     step, saves and exits 143, 128 + SIGTERM (the thread ends), and resuming ends with an
     uninterrupted run's weights."""
     import signal
-    import time
 
     import train
     from trainer.checkpoint import load_checkpoint
@@ -874,21 +875,10 @@ def test_sigterm_while_prefetching_saves_and_resumes_exactly(data, tmp_path):
     config["trainer"].update(epochs=5, init_val=False)
     path = tmp_path / "prefetch.yaml"
     path.write_text(json.dumps(config))
-    root = Path(__file__).parents[1]
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path), "--device", "cpu",
-                             f"save_dir={interrupted}"], cwd=root, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    run, deadline = None, time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        found = list((interrupted / "models" / "prefetch").glob("*/metrics.jsonl"))
-        if found and sum('"loss"' in line for line in open(found[0])) >= 3:  # inside epoch 1
-            run = found[0].parent
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
-    err = proc.communicate(timeout=300)[1]
-    assert run is not None and proc.returncode == 128 + signal.SIGTERM, err
+    run, code, err = signal_after_steps(["--config", path, "--device", "cpu", f"save_dir={interrupted}"],
+                                        interrupted / "models" / "prefetch", 3, timeout=300)  # inside epoch 1
+    assert run is not None and code == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err
     assert load_checkpoint(run / "latest_model.pth")["step"] < 10
 

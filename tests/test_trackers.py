@@ -15,7 +15,7 @@ import yaml
 from trainer.loggers import Sink, check_trackers, flatten
 from trainer.tracking import Tracker, TrackingError, loggable
 
-from .conftest import QUICKSTART, ROOT, only_run_dir, run_train
+from .conftest import QUICKSTART, ROOT, only_run_dir, run_train, signal_after_steps
 
 FAST = ["encoder.args.arch=resnet10", "evaluator=null", "trainer.init_val=false", "trainer.log_step=1"]
 HAVE_MLFLOW = all(importlib.util.find_spec(m) for m in ("mlflow", "sqlalchemy", "alembic"))
@@ -94,18 +94,8 @@ def test_mlflow_and_tensorboard_hold_what_metrics_jsonl_holds(tmp_path):
 def test_sigterm_and_resume_continue_one_run_without_a_step_twice(tmp_path):
     argv = ["--config", str(QUICKSTART), f"save_dir={tmp_path}", "--device", "cpu", "--epochs", "3", *FAST,
             "--mlflow", "--tensorboard"]
-    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    run, deadline = None, time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "models" / "quickstart").glob("*/metrics.jsonl"))
-        if found and sum('"loss"' in line for line in found[0].read_text().splitlines()) >= 7:  # inside epoch 1
-            run = found[0].parent
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
-    err = proc.communicate(timeout=120)[1]
-    assert run is not None and proc.returncode == 128 + signal.SIGTERM, err
+    run, code, err = signal_after_steps(argv, tmp_path / "models" / "quickstart", 7)  # inside epoch 1
+    assert run is not None and code == 128 + signal.SIGTERM, err
     client, runs = _mlflow_runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
 

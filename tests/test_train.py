@@ -34,6 +34,7 @@ from .conftest import (
     only_run_dir,
     run_eval,
     run_train,
+    signal_after_steps,
 )
 
 FAST = ["evaluator=null", "trainer.init_val=false"]
@@ -316,33 +317,23 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, small_quickstart)
     with the weights of a run that was never interrupted."""
     argv = [str(a) for a in small_quickstart] + ["--epochs", "3", "trainer.log_step=1", *FAST]
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "train.py", *argv, f"save_dir={interrupted}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = None
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        runs = list((interrupted / "models" / "quickstart").glob("*/metrics.jsonl"))
-        if runs and len(_step_losses(runs[0].parent)) >= 7:  # inside epoch 1
-            metrics = runs[0]
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
-    err = proc.communicate(timeout=120)[1]
-    assert metrics is not None and proc.returncode == 128 + signal.SIGTERM, err
+    run, code, err = signal_after_steps([*argv, f"save_dir={interrupted}"], interrupted / "models" / "quickstart",
+                                        7)  # inside epoch 1
+    assert run is not None and code == 128 + signal.SIGTERM, err
     assert "received SIGTERM" in err and "stopped by SIGTERM" in err
-    ckpt = load_checkpoint(metrics.parent / "latest_model.pth")
+    ckpt = load_checkpoint(run / "latest_model.pth")
     assert ckpt["epoch_step"] > 0 and ckpt["step"] == 5 * (ckpt["epoch"] + 1) + ckpt["epoch_step"] < 15
 
-    assert run_train("--resume", metrics.parent / "latest_model.pth", "--device", "cpu") == 0
+    assert run_train("--resume", run / "latest_model.pth", "--device", "cpu") == 0
     assert run_train(*small_quickstart, "--epochs", "3", "trainer.log_step=1", *FAST,
                      f"save_dir={tmp_path / 'straight'}") == 0
     straight = only_run_dir(tmp_path / "straight", "quickstart")
-    expected, resumed = _step_losses(straight), _step_losses(metrics.parent)
+    expected, resumed = _step_losses(straight), _step_losses(run)
     first_difference = next((i for i, (a, b) in enumerate(zip(expected, resumed)) if a != b), None)
     assert expected == resumed, f"stopped after step {ckpt['step']}; losses differ from step {first_difference}"
-    _weights_equal(load_checkpoint(straight / "latest_model.pth"), load_checkpoint(metrics.parent / "latest_model.pth"))
+    _weights_equal(load_checkpoint(straight / "latest_model.pth"), load_checkpoint(run / "latest_model.pth"))
     # the interrupted epoch's train_loss averages all its steps, those before the stop included
-    resumed_results = json.loads((metrics.parent / "results.json").read_text())
+    resumed_results = json.loads((run / "results.json").read_text())
     assert resumed_results == json.loads((straight / "results.json").read_text())
 
 
