@@ -162,6 +162,7 @@ def test_mlflow_to_a_dead_server_warns_once(tmp_path, monkeypatch, warnings_of_g
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)  # unset again after the sink's default
     sinks = open_sinks(tmp_path, {"name": "x"}, tmp_path, 1, mlflow=True, tensorboard=False)
     assert sinks == [] and len(warnings_of_groco.records) == 1
     assert warnings_of_groco.records[0].getMessage().startswith("MLflow: cannot start, the run goes on without it")
@@ -186,6 +187,23 @@ def test_trackers_are_imported_only_when_asked():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'tensorboard')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_mlflow_http_retries_are_bounded_unless_set():
+    from trainer.loggers import HTTP_BOUNDS, bound_http_retries
+
+    environ = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "300"}
+    bound_http_retries(environ)
+    assert environ == {**HTTP_BOUNDS, "MLFLOW_HTTP_REQUEST_TIMEOUT": "300"}
+    assert HTTP_BOUNDS == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                           "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def test_mlflow_names_replace_what_mlflow_refuses():
+    from trainer.loggers import mlflow_name
+
+    assert mlflow_name("epoch/knn@20_online") == "epoch/knn_20_online"
+    assert mlflow_name("train/info_pos_neg_dist") == "train/info_pos_neg_dist"
 
 
 def test_flatten_config():
@@ -263,8 +281,9 @@ def test_a_tracking_server_killed_mid_run_costs_one_warning(tmp_path):
         else:
             pytest.skip("mlflow server did not start here (mlflow-skinny lacks the server's packages)")
         save_dir = tmp_path / "runs"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+        # MLflow's HTTP retries as the sink bounds them (trainer/loggers.py: HTTP_BOUNDS)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen([sys.executable, "train.py", "--config", str(QUICKSTART), f"save_dir={save_dir}",
                                  "--device", "cpu", "--epochs", "2", *FAST, "--mlflow"], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

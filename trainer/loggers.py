@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +32,8 @@ PACKAGES = {
 }
 MLFLOW_RUN_FILE = "mlflow_run.json"
 PARAM_LIMIT = 500  # characters of a parameter value every MLflow store accepts
+# what MLflow refuses in a metric's name (`knn@20_online` stopped the MLflow sink at the first k-NN)
+MLFLOW_NAME_REFUSED = re.compile(r"[^0-9A-Za-z_\-. :/]")
 
 
 def check_trackers(mlflow: bool = False, tensorboard: bool = False) -> None:
@@ -65,8 +68,7 @@ class Sink:
         except Exception as err:  # noqa: BLE001 - a tracker must never stop training
             self.failed = True
             log.warning("%s: logging failed, it stops for this run (training goes on; metrics.jsonl and "
-                        "Sacred's records stay complete): %s", self.name, str(err).splitlines()[0] if str(err)
-                        else type(err).__name__)
+                        "Sacred's records stay complete): %s", self.name, first_line(err))
 
     def _log(self, values: dict, step: int) -> None:
         raise NotImplementedError
@@ -109,6 +111,8 @@ class MlflowSink(Sink):
         from mlflow.tracking import MlflowClient
 
         server = environ.get("MLFLOW_TRACKING_URI")
+        if server:
+            bound_http_retries()
         self.uri = server or f"sqlite:///{Path(save_dir).resolve() / 'mlflow.db'}"
         # the local store's artifacts beside it (MLflow's default is ./mlruns of the working directory)
         artifacts = None if server else (Path(save_dir).resolve() / "mlartifacts").as_uri()
@@ -160,6 +164,7 @@ class MlflowSink(Sink):
         from mlflow.entities import Metric
 
         now = _now_ms()
+        values = {mlflow_name(k): v for k, v in values.items()}
         fresh = [Metric(k, float(v), now, step) for k, v in values.items() if step > self.last_steps.get(k, -2**62)]
         if fresh:
             self.client.log_batch(self.run_id, metrics=fresh)
@@ -171,6 +176,21 @@ class MlflowSink(Sink):
             if Path(path).is_file():
                 self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, status=status)
+
+
+# MLflow's HTTP defaults (7 retries with backoff factor 2, 120 s timeouts) can hold one logging call
+# to a dead or hung tracking server for minutes before the sink's one warning, training stalled.
+# Where the user has not set them: 2 retries, backoff factor 1, 10 s timeouts. A failing call then
+# takes at most 3 tries of 10 s to connect and 10 s to read, plus 3 s of backoff (0 s, then 2 s and
+# up to 1 s of jitter): about a minute at worst, 3 s when nothing listens any more.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def bound_http_retries(environ=os.environ) -> None:
+    """HTTP_BOUNDS for the variables the user has not set (MLflow reads them at each request)."""
+    for name, value in HTTP_BOUNDS.items():
+        environ.setdefault(name, value)
 
 
 def open_sinks(run_dir: Path, config: dict, save_dir: str | Path, world_size: int, mlflow: bool, tensorboard: bool,
@@ -191,8 +211,19 @@ def _start(sinks: list, name: str, make) -> None:
     try:
         sinks.append(make())
     except Exception as err:  # noqa: BLE001
-        log.warning("%s: cannot start, the run goes on without it: %s", name, str(err).splitlines()[0] if str(err)
-                    else type(err).__name__)
+        log.warning("%s: cannot start, the run goes on without it: %s", name, first_line(err))
+
+
+def mlflow_name(tag: str) -> str:
+    """A metric's name in MLflow: each character MLflow refuses as "_" (`epoch/knn@20_online` ->
+    `epoch/knn_20_online`); TensorBoard and metrics.jsonl keep the name."""
+    return MLFLOW_NAME_REFUSED.sub("_", tag)
+
+
+def first_line(err: BaseException) -> str:
+    """An error's first line, or its type's name when it has no message."""
+    text = str(err)
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def epoch_values(record: dict) -> dict[str, float]:
