@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 
 # Before torch loads: inductor writes scalar C++ for the CPU in the tests (and in the processes they
-# start), and gcc compiles it at -O0 (TORCHINDUCTOR_DEBUG_COMPILE): each step cuts the compile
-# time of the compile tests (README, "Tests"). The graphs, their lowering and inductor's
-# floating-point flags are the same, only the C++ loops differ; training compiles for the GPU,
-# where neither setting applies.
+# start), puts a graph's kernels and wrapper in one C++ file (TORCHINDUCTOR_CPP_WRAPPER: one gcc
+# run a graph instead of one a kernel), and gcc compiles it at -O0 (TORCHINDUCTOR_DEBUG_COMPILE):
+# each step cuts the compile time of the compile tests (README, "Tests"). The graphs, their
+# lowering and inductor's floating-point flags are the same, only the C++ around them differs;
+# training compiles for the GPU, where none of these settings applies.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 os.environ.setdefault("TORCHINDUCTOR_DEBUG_COMPILE", "1")
+os.environ.setdefault("TORCHINDUCTOR_CPP_WRAPPER", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n N runs N workers (pyproject: one a core): each computes on one thread and compiles
     # in its own process. OpenMP threads that outnumber the cores spin against each other: a
@@ -35,8 +37,11 @@ from utils.logging import get_logger  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "examples" / "quickstart.yaml"
-# the trainer's compile tests: ResNet-10 (one block a stage) has half of ResNet-18's graph to compile
-SMALL_COMPILE = ["encoder.args.arch=resnet10"]
+# Tests of the run's mechanics (resume, signals, processes, trackers, compiling), not of what it
+# learns: the quickstart's data, batches and steps on ResNet-10 at width 8 (8-16-32-64 channels),
+# about a quarter of the quickstart's compute per step; under torch.compile, half of ResNet-18's
+# graph to compile.
+TINY = ["encoder.args.arch=resnet10", "encoder.args.width=8"]
 # One quickstart epoch with the learning rates that its first 5 steps had under a 2-epoch warm-up
 # (3.2 more each step): tests comparing two numerically different paths (memory layout, compiled,
 # DDP) at rel 1e-3 need the drift that such rates give; at the full ramp it reaches 0.16%.
@@ -55,9 +60,9 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """The slow tests first (otherwise in file order): the workers then share out the quick ones at
-    the end, instead of one worker finishing a long test alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The compile tests first, then the other slow ones, otherwise in file order: the workers then
+    share out the quick ones at the end, instead of one worker finishing a long test alone."""
+    items.sort(key=lambda item: (item.get_closest_marker("compile") is None, item.get_closest_marker("slow") is None))
 
 
 # The paper's 2views_100ep.yaml: the values every other experiment is described against.
@@ -124,10 +129,10 @@ def last_json_line(text: str) -> dict:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """One epoch of the quickstart without evaluators, every step logged: a finished run folder,
-    trained once per test process. Tests that change a run folder work on a `copy_run` of it."""
+    """One epoch of the quickstart on the TINY model without evaluators, every step logged: a
+    finished run folder, trained once per test process. Tests that change a run folder work on a `copy_run` of it."""
     save_dir = tmp_path_factory.mktemp("trained")
-    assert run_train("--config", QUICKSTART, "--device", "cpu", "--epochs", "1", "evaluator=null",
+    assert run_train("--config", QUICKSTART, *TINY, "--device", "cpu", "--epochs", "1", "evaluator=null",
                      "trainer.init_val=false", "trainer.log_step=1", f"save_dir={save_dir}") == 0
     return only_run_dir(save_dir, "quickstart")
 

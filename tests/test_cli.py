@@ -19,7 +19,7 @@ from utils.config import ConfigError, load_config
 from utils.dist import free_port
 from utils.schema import validate
 
-from .conftest import QUICKSTART, ROOT, only_run_dir, run_eval, run_train
+from .conftest import QUICKSTART, ROOT, TINY, only_run_dir, run_eval, run_train
 
 FAST = ["evaluator=null", "trainer.init_val=false"]
 
@@ -150,8 +150,8 @@ def test_a_stopped_run_exits_128_plus_the_signal(tmp_path, monkeypatch, sig):
     watcher = threading.Thread(target=stop_after_the_first_step, daemon=True)
     watcher.start()
     try:
-        code = run_train("--config", QUICKSTART, "--device", "cpu", "--epochs", "2", "trainer.log_step=1", *FAST,
-                         f"save_dir={tmp_path}")
+        code = run_train("--config", QUICKSTART, *TINY, "--device", "cpu", "--epochs", "2", "trainer.log_step=1",
+                         *FAST, f"save_dir={tmp_path}")
     finally:
         sent.set()
         watcher.join()
@@ -170,13 +170,13 @@ def test_a_lone_rank_says_it_waits_and_gives_up(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")}
     env.update(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "train.py", "--config", str(QUICKSTART), "--distributed", "--world-size",
-                           "2", "--device", "cpu", "--dist-timeout", "3", f"save_dir={tmp_path}"],
+                           "2", "--device", "cpu", "--dist-timeout", "1", f"save_dir={tmp_path}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
     assert re.search(rf"rank 0: still waiting after [\d.]+ s for the 2 processes to join at 127\.0\.0\.1:{port}",
                      done.stderr), done.stderr[-3000:]
     errors = _errors(done.stderr)
-    assert len(errors) == 1 and "did not all join at" in errors[0] and "(--dist-timeout 3 s)" in errors[0], errors
+    assert len(errors) == 1 and "did not all join at" in errors[0] and "(--dist-timeout 1 s)" in errors[0], errors
     assert not (tmp_path / "models").exists()
 
 

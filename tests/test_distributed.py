@@ -3,7 +3,9 @@ torchrun launch path of the README runs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -20,12 +22,13 @@ from data_loader.base import LoaderRuntime
 from model.loss import GroCo, NT_Xent, NT_XentAllCombinations
 from trainer.build import build_loader, build_loss, build_model
 from trainer.checkpoint import load_checkpoint, load_module_state
-from utils.config import load_config
+from trainer.loggers import mlflow_name
+from utils.config import apply_overrides, load_config
 from utils.dist import LaunchError, ProcessInfo, free_port, init_process
 from utils.rng import resolve_seed
 from utils.schema import validate
 
-from .conftest import GENTLE_LR, QUICKSTART, ROOT, SMALL_COMPILE, copy_run, only_run_dir
+from .conftest import GENTLE_LR, QUICKSTART, ROOT, TINY, copy_run, only_run_dir
 
 BATCH, DIM = 12, 16
 LOSSES = {
@@ -59,8 +62,11 @@ def one_step(model: nn.Module, loss_fn: nn.Module, views: list[torch.Tensor]) ->
 
 
 def distributed_steps(rank: int, world: int, out: str) -> None:
-    """One step of every loss in LOSSES on this process's part of the batch, each from a fresh model."""
-    results = {}
+    """One step of every loss in LOSSES on this process's part of the batch, each from a fresh model;
+    and the seeds that the processes resolve for `seed: null` and `seed: 7`."""
+    seeds = [None] * world
+    dist.all_gather_object(seeds, (resolve_seed(None), resolve_seed(7)))
+    results = {"seeds": seeds}
     for name in sorted(LOSSES):
         model = nn.parallel.DistributedDataParallel(make_model())
         views = [v[rank * BATCH:(rank + 1) * BATCH] for v in make_views(VIEWS.get(name, 2))]
@@ -85,9 +91,13 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_process_steps(tmp_path_factory) -> dict:
-    """Every loss's step on two processes, from one launch (one torch import per process)."""
+    """Every loss's step on two processes, and their seeds, from one launch."""
     out = tmp_path_factory.mktemp("two") / "two.pt"
-    # not "fork": forking a process whose OpenMP threads have run can hang the child
+    # not "fork": forking a process whose OpenMP threads have run can hang the child. The forkserver
+    # (where nothing computes) imports this module once and forks the processes from it, instead of
+    # each process importing it (torch, torchvision, train.py: seconds apiece); it only applies
+    # when this test process starts its forkserver here.
+    multiprocessing.set_forkserver_preload([__name__])
     mp.start_processes(worker, args=(2, free_port(), str(out)), nprocs=2, start_method="forkserver")
     return torch.load(out)
 
@@ -103,25 +113,12 @@ def test_two_processes_equal_one_process_on_the_combined_batch(two_process_steps
         torch.testing.assert_close(p_two, p_one.detach(), rtol=1e-5, atol=1e-6)
 
 
-def seed_worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        seeds = [None] * world
-        dist.all_gather_object(seeds, (resolve_seed(None), resolve_seed(7)))
-        if rank == 0:
-            torch.save(seeds, out)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
-def test_processes_agree_on_a_drawn_seed(tmp_path):
+def test_processes_agree_on_a_drawn_seed(two_process_steps):
     """seed: null: rank 0 draws the seed and every process takes it (it orders the data: with a seed
     of their own, the processes' parts of an epoch overlapped and left samples out)."""
-    out = tmp_path / "seeds.pt"
-    mp.start_processes(seed_worker, args=(3, free_port(), str(out)), nprocs=3, start_method="forkserver")
-    seeds = torch.load(out)
-    assert len(set(seeds)) == 1 and seeds[0][1] == 7
+    seeds = two_process_steps["seeds"]
+    assert len(seeds) == 2 and len(set(seeds)) == 1 and seeds[0][1] == 7
 
 
 def test_distributed_without_a_launcher_is_an_error(monkeypatch):
@@ -142,15 +139,25 @@ def test_slurm_variables_are_read(monkeypatch):
         init_process(True, 3, "env://", "cpu", None)
 
 
+HAVE_MLFLOW = all(importlib.util.find_spec(m) for m in ("mlflow", "sqlalchemy", "alembic"))
+HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_on_the_cpu(tmp_path):
-    """The README's torchrun command on the quickstart: one run folder, results from rank 0."""
+    """The README's torchrun command on the quickstart (the TINY model at width 16: at width 8 its
+    untrained k-NN, 0.51, sits on the 0.5 bound): one run folder, results from rank 0. With --mlflow
+    and --tensorboard where their packages are installed (tests/test_trackers.py): one MLflow run and
+    one set of event files, written by rank 0 alone, holding metrics.jsonl."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)  # the store under save_dir
+    trackers = [flag for flag, have in (("--mlflow", HAVE_MLFLOW), ("--tensorboard", HAVE_TENSORBOARD)) if have]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           "--distributed", "--world-size", "2", "--config", str(QUICKSTART), "--epochs", "1",
-           "evaluator.0.args.apply_evaluator_per_epoch=1", f"save_dir={tmp_path}",
-           "--results-json", str(tmp_path / "results.json")]
+           "--distributed", "--world-size", "2", "--config", str(QUICKSTART), *TINY, "encoder.args.width=16",
+           "--epochs", "1", "evaluator.0.args.apply_evaluator_per_epoch=1", "trainer.log_step=1",
+           f"save_dir={tmp_path}", "--results-json", str(tmp_path / "results.json"),
+           *trackers]  # log_step 1: the trackers take every step
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run = only_run_dir(tmp_path, "quickstart")
@@ -161,8 +168,28 @@ def test_torchrun_two_processes_on_the_cpu(tmp_path):
     assert [s["step"] for s in steps] == list(range(5))  # global batch 256 = 2 x 128: 5 steps
     assert "[rank 1]" not in (run / "train.log").read_text()  # rank 1 logs warnings only, to its stderr
     assert "BatchNorm statistics stay per process" in done.stderr
+    if HAVE_MLFLOW or HAVE_TENSORBOARD:
+        from .test_trackers import _expected
+
+        expected = _expected(run)
+    if HAVE_MLFLOW:
+        from .test_trackers import _assert_same, _mlflow_history, _mlflow_runs
+
+        # the k-NN accuracy as epoch/knn_20_online: MLflow refuses "@" in a name
+        in_mlflow = {mlflow_name(k): points for k, points in expected.items()}
+        client, runs = _mlflow_runs(tmp_path)
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["world_size"] == "2"
+        assert set(runs[0].data.metrics) == set(in_mlflow) and "epoch/knn_20_online" in in_mlflow
+        _assert_same({k: _mlflow_history(client, runs[0].info.run_id, k) for k in in_mlflow}, in_mlflow)
+    if HAVE_TENSORBOARD:
+        from .test_trackers import _tensorboard_scalars
+
+        events = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("events.out.tfevents.*"))
+        assert len(events) == 1 and events[0].parent == run.relative_to(tmp_path), events
+        _assert_same(_tensorboard_scalars(run), expected, rel=1e-6)
 
 
+@pytest.mark.compile
 @pytest.mark.slow
 def test_torchrun_with_compile_trains_like_eager(tmp_path):
     """trainer.compile under DDP (torch.compile splits the graph at DDP's gradient buckets): two
@@ -174,7 +201,7 @@ def test_torchrun_with_compile_trains_like_eager(tmp_path):
     for mode in ("false", "true"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                "--distributed", "--world-size", "2", "--config", str(QUICKSTART), "--epochs", "1", "evaluator=null",
-               "trainer.init_val=false", *SMALL_COMPILE, *GENTLE_LR, f"trainer.compile={mode}",
+               "trainer.init_val=false", *TINY, *GENTLE_LR, f"trainer.compile={mode}",
                f"save_dir={tmp_path / mode}"]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -212,8 +239,8 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
     """SLURM's SIGUSR1 to rank 1 only: both ranks stop after the same step (the stop flag is
     all-reduced), rank 0 saves, the job is requeued once, by rank 0, after the checkpoint is on disk
     (a stand-in `scontrol` records the checkpoint's mtime when called), and resuming with two
-    processes ends with the weights of an uninterrupted run."""
-    base = ["--config", str(QUICKSTART), "--epochs", "3", "trainer.log_step=1", "evaluator=null",
+    processes ends with the weights of an uninterrupted run (TINY model)."""
+    base = ["--config", str(QUICKSTART), *TINY, "--epochs", "3", "trainer.log_step=1", "evaluator=null",
             "trainer.init_val=false"]
     stopped, calls = tmp_path / "stopped", tmp_path / "scontrol.log"
     scontrol = tmp_path / "bin" / "scontrol"
@@ -256,13 +283,13 @@ def test_two_processes_log_the_loss_of_the_global_batch(tmp_path, trained_run):
     Checked at the first step of a two-process resume, recomputed here from the checkpoint: each
     half through the model on its own (BatchNorm statistics stay per process on the CPU), the
     loss on the two halves together."""
-    run = copy_run(trained_run, tmp_path)  # one epoch, every step logged
+    run = copy_run(trained_run, tmp_path)  # one epoch of the TINY model, every step logged
     checkpoint = load_checkpoint(run / "latest_model.pth")
     _wait(_launch_pair(["--resume", str(run / "latest_model.pth"), "--epochs", "2"], free_port()))
     steps = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
     logged = [s for s in steps if s["epoch"] == 1]
 
-    exp = validate(load_config(QUICKSTART), world_size=2, training=True)
+    exp = validate(apply_overrides(load_config(QUICKSTART), TINY), world_size=2, training=True)
     net = build_model(exp, ProcessInfo())
     load_module_state(net.encoder, checkpoint["encoder"], "encoder")
     load_module_state(net.projection, checkpoint["projection"], "projection")

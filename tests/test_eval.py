@@ -395,7 +395,7 @@ def test_linear_probe_on_several_processes_needs_a_training_loader():
 def evaluate_everything(root: Path, rank: int, world: int) -> dict:
     """k-NN and two probes (image folder; separable features) as one process of `world` sees them."""
     torch.manual_seed(0)
-    encoder = ResNetEncoder("resnet18", width=8)
+    encoder = ResNetEncoder("resnet10", width=8)
     cpu, distributed = torch.device("cpu"), world > 1
     knn = KNNEvaluator(distributed=distributed, num_classes=3, k=KS, query_batch_size=3, bank_chunk_size=10)
     out = knn.evaluate(encoder, folder_loader(root, True, 4, rank, world), folder_loader(root, False, 4, rank, world),
@@ -447,7 +447,10 @@ def test_two_gloo_processes_count_an_odd_val_set_once(tmp_path, image_root):
         single = evaluate_everything(image_root, 0, 1)
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(two_process_worker, args=(2, free_port(), str(image_root), str(tmp_path)), nprocs=2, join=True)
+    # forked, where the platform can: a spawned process imports torch, torchvision and this module again (~8 s each)
+    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(two_process_worker, args=(2, free_port(), str(image_root), str(tmp_path)), nprocs=2,
+                       join=True, start_method=start_method)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
     expected_rows = torch.cat((torch.arange(14).view(-1, 2), torch.arange(6).view(-1, 2) + 100)).tolist()

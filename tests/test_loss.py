@@ -168,6 +168,7 @@ def test_sorting_network_gradients_pass_gradcheck():
     assert torch.autograd.gradcheck(lambda v: relaxed_rank_mass(v, 5, 1.5), (x,))
 
 
+@pytest.mark.compile
 @pytest.mark.slow
 def test_compiled_sorting_network_has_the_eager_gradient():
     """torch.compile of the network (5 wires, as for 4 negatives and a positive: five layers) gives
@@ -205,6 +206,7 @@ def test_wiring_of_every_size_is_the_odd_even_network():
             assert sign[layer].tolist() == expected_sign, (n, layer)
 
 
+@pytest.mark.compile
 @pytest.mark.slow
 def test_compiled_groco_computes_only_on_the_inputs_device():
     """Traced from tensors on the meta device, every tensor of the compiled loss's forward and
@@ -240,6 +242,7 @@ def test_selected_weights_dense_equals_sparse():
     assert dense[2, index[2, 1]] == grad[2, 1] and (dense != 0).sum() == grad.numel()
 
 
+@pytest.mark.compile
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_grad", [True, False])
 def test_compiled_groco_is_one_graph_and_equals_spec(stop_grad):

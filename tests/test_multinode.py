@@ -22,11 +22,12 @@ from utils.dist import (
     local_device_index,
 )
 
-from .conftest import QUICKSTART, ROOT, SMALL_COMPILE, only_run_dir
+from .conftest import QUICKSTART, ROOT, only_run_dir
+from .conftest import TINY as TINY_MODEL
 
 SCRIPT = ROOT / "scripts" / "slurm" / "groco_multinode.sbatch"
-# two steps of a tiny model: the global batch 512 of 1,297 digits, 256 a process
-TINY = ["--config", str(QUICKSTART), "--epochs", "1", "evaluator=null", "trainer.init_val=false", *SMALL_COMPILE,
+# two steps of the TINY model: the global batch 512 of 1,297 digits, 256 a process
+TINY = ["--config", str(QUICKSTART), "--epochs", "1", "evaluator=null", "trainer.init_val=false", *TINY_MODEL,
         "train_dataloader.args.batch_size=512"]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 CPU = torch.device("cpu")

@@ -4,7 +4,7 @@ import pytest
 
 from utils.plots import FAMILIES, main, read_run
 
-from .conftest import QUICKSTART, only_run_dir, run_train
+from .conftest import QUICKSTART, TINY, only_run_dir, run_train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # a 2-epoch GroCo run with k-NN before training and after the second epoch has every family but the probe
@@ -14,7 +14,7 @@ EXPECTED = ["loss", "lr", "grad_norm", "samples_per_s", "knn", "similarity", "po
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("runs")
-    code = run_train("--config", QUICKSTART, "--device", "cpu", "--epochs", "2", f"save_dir={save_dir}",
+    code = run_train("--config", QUICKSTART, *TINY, "--device", "cpu", "--epochs", "2", f"save_dir={save_dir}",
                      "evaluator.0.args.apply_evaluator_per_epoch=2")
     assert code == 0
     return only_run_dir(save_dir, "quickstart")

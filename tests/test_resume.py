@@ -11,9 +11,9 @@ import pytest
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from utils.files import WriteError
 
-from .conftest import QUICKSTART, copy_run, only_run_dir, run_train
+from .conftest import QUICKSTART, TINY, copy_run, only_run_dir, run_train
 
-TWO_EPOCHS = ["--config", QUICKSTART, "--device", "cpu", "--epochs", "2", "trainer.init_val=false",
+TWO_EPOCHS = ["--config", QUICKSTART, *TINY, "--device", "cpu", "--epochs", "2", "trainer.init_val=false",
               "evaluator=null", "trainer.save_period=1", "trainer.log_step=1"]
 
 
@@ -25,7 +25,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def two_epoch_run(tmp_path_factory) -> Path:
-    """Two quickstart epochs with a checkpoint after each (`checkpoint-epoch0.pth`, `-epoch1.pth`)."""
+    """Two quickstart epochs (TINY model) with a checkpoint after each (`checkpoint-epoch0.pth`, `-epoch1.pth`)."""
     save_dir = tmp_path_factory.mktemp("two_epochs")
     assert run_train(*TWO_EPOCHS, f"save_dir={save_dir}") == 0
     return only_run_dir(save_dir, "quickstart")
@@ -38,7 +38,7 @@ def test_a_torn_last_line_of_the_log_is_skipped(tmp_path, trained_run, capsys):
     run = copy_run(trained_run, tmp_path)
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 9')
-    assert run_train("--config", QUICKSTART, "--device", "cpu", "--resume", "auto", "--epochs", "2",
+    assert run_train("--config", QUICKSTART, *TINY, "--device", "cpu", "--resume", "auto", "--epochs", "2",
                      f"save_dir={tmp_path}") == 0
     assert "not a metrics record, skipped" in capsys.readouterr().err
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -48,7 +48,7 @@ def test_a_torn_last_line_of_the_log_is_skipped(tmp_path, trained_run, capsys):
 
 @pytest.mark.parametrize("change, message", [
     ("encoder.args.width=32", "encoder does not match the model: other shapes (checkpoint for model): "
-                              "encoder.conv1.weight [16, 3, 3, 3] for [32, 3, 3, 3], "),
+                              "encoder.conv1.weight [8, 3, 3, 3] for [32, 3, 3, 3], "),  # trained_run: width 8
     ("optimizer={type: Adam, args: {}}", "its optimiser state is SGD's, and this run's optimizer.type is Adam"),
 ])
 @pytest.mark.slow
@@ -111,7 +111,7 @@ def test_a_periodic_checkpoint_cut_by_a_kill_is_written_again(tmp_path, two_epoc
 @pytest.mark.slow
 def test_final_results_hold_every_evaluator_whatever_its_period(tmp_path, small_quickstart):
     """k-NN every 10 epochs, a run of 1: the k-NN still runs after the last epoch, into `final`."""
-    assert run_train(*small_quickstart, "--epochs", "1", "trainer.init_val=false",
+    assert run_train(*small_quickstart, *TINY, "--epochs", "1", "trainer.init_val=false",
                      "--results-json", tmp_path / "results.json") == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert "knn@20_online" in results["final"] and results["epochs"][0]["epoch"] == 0

@@ -15,9 +15,9 @@ import yaml
 from trainer.loggers import Sink, check_trackers, flatten
 from trainer.tracking import Tracker, TrackingError, loggable
 
-from .conftest import QUICKSTART, ROOT, only_run_dir, run_train, signal_after_steps
+from .conftest import QUICKSTART, ROOT, TINY, only_run_dir, run_train, signal_after_steps
 
-FAST = ["encoder.args.arch=resnet10", "evaluator=null", "trainer.init_val=false", "trainer.log_step=1"]
+FAST = [*TINY, "evaluator=null", "trainer.init_val=false", "trainer.log_step=1"]
 HAVE_MLFLOW = all(importlib.util.find_spec(m) for m in ("mlflow", "sqlalchemy", "alembic"))
 HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 needs_mlflow = pytest.mark.skipif(not HAVE_MLFLOW, reason="pip install mlflow-skinny sqlalchemy alembic")

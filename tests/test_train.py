@@ -20,7 +20,7 @@ from model.encoder import build_resnet
 from trainer.build import build_model
 from trainer.checkpoint import CheckpointError, load_checkpoint, load_module_state, save_checkpoint
 from trainer.preemption import StopSignal
-from utils.config import load_config
+from utils.config import apply_overrides, load_config
 from utils.dist import ProcessInfo
 from utils.schema import validate
 
@@ -28,7 +28,7 @@ from .conftest import (
     GENTLE_LR,
     QUICKSTART,
     ROOT,
-    SMALL_COMPILE,
+    TINY,
     copy_run,
     last_json_line,
     only_run_dir,
@@ -40,22 +40,20 @@ from .conftest import (
 FAST = ["evaluator=null", "trainer.init_val=false"]
 
 
-@pytest.mark.slow
-def test_dry_run_prints_settings_and_json_summary(tmp_path):
-    """A fresh process: the CPU is picked by itself and said so; nothing is written."""
-    out = subprocess.run(
-        [sys.executable, "train.py", "--config", str(QUICKSTART), "--dry-run", f"save_dir={tmp_path}",
-         "--results-json", str(tmp_path / "results.json")],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )
-    assert "a dry run has no results and does not write it" in out.stderr
-    summary = last_json_line(out.stdout)
+def test_dry_run_prints_settings_and_json_summary(tmp_path, capsys):
+    """No --device: the CPU is picked by itself and said so; nothing is written. (In-process: the
+    README's dry run in a fresh process is test_paper_configs.py's test_readme_command_in_a_fresh_process.)"""
+    assert run_train("--config", QUICKSTART, "--dry-run", f"save_dir={tmp_path}",
+                     "--results-json", tmp_path / "results.json") == 0
+    out = capsys.readouterr()
+    assert "a dry run has no results and does not write it" in out.err
+    summary = last_json_line(out.out)
     assert summary["learning_rate"] == pytest.approx(32.0)  # 4.0 * 32 * 256 / 1024
     assert summary["batch_size_per_process"] == 256 and summary["epochs"] == 50 and summary["loss"] == "GroCo"
     assert summary["steps_per_epoch"] == 5 and summary["warmup_steps"] == 5 and summary["total_steps"] == 250
-    assert "base_learning_rate: 4.0" in out.stdout
+    assert "base_learning_rate: 4.0" in out.out
     if not torch.cuda.is_available():
-        assert "running on the CPU (no CUDA device found)" in out.stderr
+        assert "running on the CPU (no CUDA device found)" in out.err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -210,7 +208,7 @@ def test_checkpoint_format_and_module_prefix(tmp_path, trained_run):
     released["projection"] = {f"module.{k}": v for k, v in ckpt["projection"].items()}
     legacy = tmp_path / "released.pth"
     torch.save(released, legacy, _use_new_zipfile_serialization=False)
-    exp = validate(load_config(QUICKSTART))
+    exp = validate(apply_overrides(load_config(QUICKSTART), TINY))  # the model trained_run trained
     for state in (ckpt, load_checkpoint(legacy)):
         net = build_model(exp, ProcessInfo())
         load_module_state(net.encoder, state["encoder"], "encoder")
@@ -218,9 +216,9 @@ def test_checkpoint_format_and_module_prefix(tmp_path, trained_run):
         for name, value in net.encoder.state_dict().items():
             assert torch.equal(value, ckpt["encoder"][name])
 
-    broken = {k: v for k, v in ckpt["encoder"].items() if k != "encoder.fc.weight" and "layer4.1.bn2" not in k}
+    broken = {k: v for k, v in ckpt["encoder"].items() if k != "encoder.fc.weight" and "layer4.0.bn2" not in k}
     broken["encoder.extra.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match=r"missing keys \['encoder.layer4.1.bn2.weight'.*unexpected keys "
+    with pytest.raises(CheckpointError, match=r"missing keys \['encoder.layer4.0.bn2.weight'.*unexpected keys "
                                               r"\['encoder.extra.weight'\]"):
         load_module_state(build_model(exp, ProcessInfo()).encoder, broken, "encoder")
 
@@ -256,7 +254,7 @@ def test_resume_continues_exactly(tmp_path, small_quickstart):
     checkpoint copied alone into an empty folder with its config.yaml continues to the same."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     base = [a for a in small_quickstart if not str(a).startswith("save_dir=")] + [
-        "evaluator.0.args.apply_evaluator_per_epoch=1"]
+        *TINY, "evaluator.0.args.apply_evaluator_per_epoch=1"]
     assert run_train(*base, f"save_dir={straight}", "--epochs", "2", "--results-json", tmp_path / "straight.json") == 0
     assert run_train(*base, f"save_dir={split}", "--epochs", "1") == 0
     run = only_run_dir(split, "quickstart")
@@ -264,6 +262,8 @@ def test_resume_continues_exactly(tmp_path, small_quickstart):
     alone.mkdir()
     for name in ("latest_model.pth", "config.yaml"):
         shutil.copy(run / name, alone / name)
+    unrecorded = tmp_path / "unrecorded"  # the run of 1 epoch again (the same bits), for the part below
+    cut = copy_run(run, unrecorded)
     assert run_train("--resume", run / "latest_model.pth", "--epochs", "2", "--device", "cpu",
                      "--results-json", tmp_path / "split.json") == 0
     results = json.loads((tmp_path / "split.json").read_text())
@@ -277,9 +277,6 @@ def test_resume_continues_exactly(tmp_path, small_quickstart):
     # the checkpoint a run writes after epoch 0's training and before its evaluation (the run then
     # stopped by a signal in that epoch's last step), made from the final one: the resumed run
     # evaluates and records epoch 0 first, and its log has that record once
-    unrecorded = tmp_path / "unrecorded"
-    assert run_train(*base, f"save_dir={unrecorded}", "--epochs", "1") == 0
-    cut = only_run_dir(unrecorded, "quickstart")
     ckpt = load_checkpoint(cut / "latest_model.pth")
     record = ckpt["results"]["epochs"].pop()
     ckpt["unrecorded"] = {k: record[k] for k in ("epoch", "step", "train_loss", "lr")}
@@ -299,13 +296,13 @@ def test_resume_continues_exactly(tmp_path, small_quickstart):
 
 @pytest.mark.slow
 def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path, small_quickstart, capsys):
-    assert run_train(*small_quickstart, "--resume", "auto", "--epochs", "1", *FAST) == 0  # nothing yet: starts
+    assert run_train(*small_quickstart, *TINY, "--resume", "auto", "--epochs", "1", *FAST) == 0  # nothing yet: starts
     run = only_run_dir(tmp_path, "quickstart")
     assert "no checkpoint under" in capsys.readouterr().err
     newer = tmp_path / "models" / "quickstart" / "9999_999999"
     newer.mkdir()
     (newer / "latest_model.pth").write_bytes(b"cut short")  # newest, but corrupt: skipped
-    assert run_train(*small_quickstart, "--resume", "auto", "--epochs", "2", *FAST) == 0
+    assert run_train(*small_quickstart, *TINY, "--resume", "auto", "--epochs", "2", *FAST) == 0
     err = capsys.readouterr().err
     assert "skipping" in err and f"continuing from {run / 'latest_model.pth'}" in err
     assert load_checkpoint(run / "latest_model.pth")["epoch"] == 1
@@ -314,18 +311,18 @@ def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path, small_quicks
 @pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, small_quickstart):
     """A real SIGTERM to a training process: it finishes the step, saves, exits 143; resuming ends
-    with the weights of a run that was never interrupted."""
-    argv = [str(a) for a in small_quickstart] + ["--epochs", "3", "trainer.log_step=1", *FAST]
+    with the weights of a run that was never interrupted, the epoch after the stop included."""
+    argv = [str(a) for a in small_quickstart] + [*TINY, "--epochs", "2", "trainer.log_step=1", *FAST]
     interrupted = tmp_path / "interrupted"
     run, code, err = signal_after_steps([*argv, f"save_dir={interrupted}"], interrupted / "models" / "quickstart",
-                                        7)  # inside epoch 1
+                                        2)  # inside epoch 0
     assert run is not None and code == 128 + signal.SIGTERM, err
     assert "received SIGTERM" in err and "stopped by SIGTERM" in err
     ckpt = load_checkpoint(run / "latest_model.pth")
-    assert ckpt["epoch_step"] > 0 and ckpt["step"] == 5 * (ckpt["epoch"] + 1) + ckpt["epoch_step"] < 15
+    assert ckpt["epoch_step"] > 0 and ckpt["step"] == 5 * (ckpt["epoch"] + 1) + ckpt["epoch_step"] < 10
 
     assert run_train("--resume", run / "latest_model.pth", "--device", "cpu") == 0
-    assert run_train(*small_quickstart, "--epochs", "3", "trainer.log_step=1", *FAST,
+    assert run_train(*small_quickstart, *TINY, "--epochs", "2", "trainer.log_step=1", *FAST,
                      f"save_dir={tmp_path / 'straight'}") == 0
     straight = only_run_dir(tmp_path / "straight", "quickstart")
     expected, resumed = _step_losses(straight), _step_losses(run)
@@ -338,24 +335,36 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, small_quickstart)
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_an_evaluation_stops_after_it(tmp_path, small_quickstart):
-    """Ctrl-C during an epoch's k-NN evaluation: sent once the run logs that the evaluation after
-    epoch 0 has begun (it lasts long here: the 1,797 digits one at a time). The run stops with that
-    epoch's checkpoint once the evaluation ends, without starting the next epoch, and exits 130."""
-    argv = [str(a) for a in small_quickstart] + ["--epochs", "3", "trainer.init_val=false",
-                                                 "evaluator.0.args.apply_evaluator_per_epoch=1",
-                                                 "valid_dataloader.0.args.batch_size=1",
-                                                 "valid_dataloader.1.args.batch_size=1"]
-    with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+def test_ctrl_c_during_an_evaluation_stops_after_it(tmp_path, small_quickstart, capsys):
+    """Ctrl-C during an epoch's k-NN evaluation: sent (in-process, to the process itself) once the
+    run's train.log says that the evaluation after epoch 0 has begun (it lasts long here, seconds:
+    the 1,797 digits four at a time). The run stops with that epoch's checkpoint once the evaluation
+    ends, without starting the next epoch, and exits 130. (A real process stopped by a signal:
+    test_sigterm_mid_epoch_saves_and_resumes_exactly.)"""
+    argv = [*small_quickstart, *TINY, "--epochs", "3", "trainer.init_val=false",
+            "evaluator.0.args.apply_evaluator_per_epoch=1", "valid_dataloader.0.args.batch_size=4",
+            "valid_dataloader.1.args.batch_size=4"]
+    sent = threading.Event()
+
+    def interrupt_the_evaluation():
         deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if "KNNEvaluator after epoch 0: evaluating" in (tmp_path / "stderr.txt").read_text():
-                proc.send_signal(signal.SIGINT)
-                break
+        while time.time() < deadline and not sent.is_set():
+            logs = list(tmp_path.glob("models/quickstart/*/train.log"))
+            if logs and "KNNEvaluator after epoch 0: evaluating" in logs[0].read_text():
+                os.kill(os.getpid(), signal.SIGINT)
+                sent.set()
             time.sleep(0.01)
-        code = proc.wait(timeout=120)
-    log = (tmp_path / "stderr.txt").read_text()
+
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # a SIGINT after the run must not end pytest
+    watcher = threading.Thread(target=interrupt_the_evaluation, daemon=True)
+    watcher.start()
+    try:
+        code = run_train(*argv)
+    finally:
+        sent.set()
+        watcher.join()
+        signal.signal(signal.SIGINT, previous)
+    log = capsys.readouterr().err
     assert code == 130 and "stopped by SIGINT" in log, log[-3000:]
     run = only_run_dir(tmp_path, "quickstart")
     ckpt = load_checkpoint(run / "latest_model.pth")
@@ -381,8 +390,8 @@ def test_ctrl_c_asks_for_a_stop_and_a_second_one_stops_at_once():
 def test_runs_where_the_signal_module_has_no_sigusr1(tmp_path):
     """Windows has no SIGUSR1 (SLURM's warning signal): train.py still imports and trains there."""
     script = ("import signal, sys; del signal.SIGUSR1; import train; "
-              f"sys.exit(train.main(['--config', {str(QUICKSTART)!r}, '--epochs', '1', '--device', 'cpu', "
-              f"'evaluator=null', 'trainer.init_val=false', 'save_dir={tmp_path}']))")
+              f"sys.exit(train.main(['--config', {str(QUICKSTART)!r}, *{TINY!r}, '--epochs', '1', '--device', "
+              f"'cpu', 'evaluator=null', 'trainer.init_val=false', 'save_dir={tmp_path}']))")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert load_checkpoint(only_run_dir(tmp_path, "quickstart") / "latest_model.pth")["epoch"] == 0
@@ -428,19 +437,20 @@ def test_channels_last_computes_the_same(tmp_path, small_quickstart):
     """trainer.channels_last changes the memory layout, not the numbers (beyond rounding)."""
     base = [a for a in small_quickstart if not str(a).startswith("save_dir=")]
     for layout in ("false", "true"):
-        assert run_train(*base, f"save_dir={tmp_path / layout}", "--epochs", "1", *FAST, *GENTLE_LR,
+        assert run_train(*base, f"save_dir={tmp_path / layout}", "--epochs", "1", *FAST, *TINY, *GENTLE_LR,
                          f"trainer.channels_last={layout}") == 0
     plain, nhwc = (_step_losses(only_run_dir(tmp_path / layout, "quickstart")) for layout in ("false", "true"))
     assert len(plain) == 5 and plain == pytest.approx(nhwc, rel=1e-3)
 
 
+@pytest.mark.compile
 @pytest.mark.slow
 def test_compile_computes_the_same(tmp_path, small_quickstart):
     """trainer.compile (here in the CUDA-graph mode, which on the CPU compiles without graphs) trains
     the model and the loss compiled to the same step losses as eager, and its metrics survive."""
     base = [a for a in small_quickstart if not str(a).startswith("save_dir=")]
     for mode in ("false", "reduce-overhead"):
-        assert run_train(*base, f"save_dir={tmp_path / mode}", "--epochs", "1", *FAST, *SMALL_COMPILE, *GENTLE_LR,
+        assert run_train(*base, f"save_dir={tmp_path / mode}", "--epochs", "1", *FAST, *TINY, *GENTLE_LR,
                          "trainer.log_step=2", f"trainer.compile={mode}") == 0
     eager, compiled = (_step_losses(only_run_dir(tmp_path / m, "quickstart")) for m in ("false", "reduce-overhead"))
     assert len(compiled) == 5 and compiled == pytest.approx(eager, rel=1e-3)
