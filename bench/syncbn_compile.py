@@ -2,11 +2,12 @@
 
     python -m bench.syncbn_compile --arch resnet50 --batch 32      # on a CUDA machine (one GPU is enough)
 
-Two processes (gloo, so that both can share one GPU) train the model of this repository under DDP
-with SyncBatchNorm, as `trainer/build.py` builds it for several GPUs, once uncompiled and once
-through torch.compile (default mode). Rank 0 prints the graphs torch.compile made, its graph breaks
-with their reasons, the largest difference of the compiled gradients from the uncompiled ones
-(relative to the largest gradient), and the milliseconds per step of both. PyTorch's tracker said in
+Two processes (gloo, so that both can share one GPU; `--processes N` for another count) train the
+model of this repository under DDP with SyncBatchNorm, as `trainer/build.py` builds it for several
+GPUs, once uncompiled and once through torch.compile (default mode). Rank 0 prints the graphs
+torch.compile made, its graph breaks with their reasons, the largest difference of the compiled
+gradients from the uncompiled ones (relative to the largest gradient), and the milliseconds per
+step of both. PyTorch's tracker said in
 2025 that SyncBatchNorm breaks the graph (pytorch/pytorch#161302); a break at every BatchNorm
 leaves a ResNet-50 in some 50 pieces, and most of what compiling gains with it. `--device cpu`
 runs the same code with plain BatchNorm (SyncBatchNorm needs a GPU), to check the script itself.
@@ -26,8 +27,6 @@ from torch import nn
 
 from bench.train_throughput import build
 from utils.dist import free_port
-
-WORLD = 2
 
 
 def train_step(model: nn.Module, views: list[torch.Tensor]) -> None:
@@ -52,7 +51,7 @@ def ms_per_step(model: nn.Module, views: list[torch.Tensor], steps: int) -> floa
 
 
 def worker(rank: int, args: argparse.Namespace, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.processes)
     try:
         probe(rank, args)  # the DDP models freed before their process group, or the exit can hang
         dist.barrier()
@@ -84,8 +83,8 @@ def probe(rank: int, args: argparse.Namespace) -> None:
     times = (ms_per_step(eager, views, args.steps), ms_per_step(compiled, views, args.steps))
     if rank == 0:
         norm = "SyncBatchNorm" if device.type == "cuda" else "BatchNorm (CPU: no SyncBatchNorm)"
-        print(f"{args.arch}, {norm}, DDP over {WORLD} gloo processes on {device}, batch {args.batch} x 2 views "
-              f"of {args.size} per process")
+        print(f"{args.arch}, {norm}, DDP over {args.processes} gloo processes on {device}, "
+              f"batch {args.batch} x 2 views of {args.size} per process")
         print(f"graphs compiled: {counters['stats']['unique_graphs']}, "
               f"graph breaks: {sum(counters['graph_break'].values())}")
         for reason, count in sorted(counters["graph_break"].items(), key=lambda kv: -kv[1])[:5]:
@@ -101,12 +100,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32, help="per process and view")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--processes", type=int, default=2, help="DDP processes (gloo)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    mp.spawn(worker, args=(args, free_port()), nprocs=WORLD)
+    if args.processes < 1:
+        raise SystemExit(f"--processes must be at least 1, got {args.processes}")
+    mp.spawn(worker, args=(args, free_port()), nprocs=args.processes)
 
 
 if __name__ == "__main__":

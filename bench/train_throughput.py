@@ -40,9 +40,10 @@ from utils.schema import CUDA_GRAPH_MODES
 N_LOCAL = 6
 
 
-def build(arch: str, channels_last: bool, device: torch.device) -> SSLModel:
+def build(arch: str, channels_last: bool, device: torch.device, width: int = 64) -> SSLModel:
     torch.manual_seed(0)
-    net = SSLModel(ResNetEncoder(arch), MLPProjection(2048 if arch == "resnet50" else 512, 3, 2048)).to(device)
+    encoder = ResNetEncoder(arch, width=width)
+    net = SSLModel(encoder, MLPProjection(encoder.feature_dim, 3, 2048)).to(device)
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
@@ -161,6 +162,8 @@ def paths(args, n_views: int, device: torch.device) -> dict[str, tuple]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet50")
+    p.add_argument("--width", type=int, default=64,
+                   help="channels of the first stage (smaller ones only to check the script quickly)")
     p.add_argument("--batch", type=int, default=256, help="per-GPU batch")
     p.add_argument("--multicrop", action="store_true", help="2 x 224 + 6 x 96 views (else 2 x 224)")
     p.add_argument("--steps", type=int, default=30)
@@ -202,7 +205,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"{name}, torch {torch.__version__}, {args.arch}, batch {args.batch}, views {sizes}, "
           f"{'shards ' + args.shards if args.shards else 'synthetic images'}")
     for label, (dtype, channels_last, mode, loss_fn, data_on_gpu) in paths(args, len(sizes), device).items():
-        net = build(args.arch, channels_last, device)
+        net = build(args.arch, channels_last, device, args.width)
         forward = torch.compile(net, mode=mode) if mode else net
         compiled_loss = torch.compile(loss_fn, mode=mode) if mode else loss_fn
         cuda_graphs = mode in CUDA_GRAPH_MODES and device.type == "cuda"

@@ -20,6 +20,18 @@ def run_module(*argv: str) -> str:
     return done.stdout
 
 
+def run_bench(main, argv: list[str], monkeypatch, capsys) -> str:
+    """A bench's `main` run in this process as `python -m bench.<name> *argv` runs it (its import
+    and torch's already paid); what it printed. The process's random state and cuDNN setting are
+    restored after."""
+    monkeypatch.setattr(sys, "argv", ["bench", *argv])
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    capsys.readouterr()
+    with torch.random.fork_rng(devices=[]):
+        main()
+    return capsys.readouterr().out
+
+
 @pytest.mark.parametrize("n_views,n_pos", [(2, 2), (3, 3), (8, 2)])
 def test_reference_style_loss_equals_ours(n_views, n_pos):
     gen = torch.Generator().manual_seed(0)
@@ -30,19 +42,24 @@ def test_reference_style_loss_equals_ours(n_views, n_pos):
 
 
 @pytest.mark.slow
-def test_bench_loss_prints_both_timings():
-    out = run_module("bench.bench_loss", "--batch", "32", "--dim", "64", "--repeats", "2", "--device", "cpu",
-                     "--views", "4", "--n-pos", "2", "--count-ops")
+def test_bench_loss_prints_both_timings(monkeypatch, capsys):
+    from bench import bench_loss
+
+    out = run_bench(bench_loss.main, ["--batch", "32", "--dim", "64", "--repeats", "2", "--device", "cpu",
+                                      "--views", "4", "--n-pos", "2", "--count-ops"], monkeypatch, capsys)
     assert re.search(r"batch +32: reference-style +[\d.]+ ms +ours +[\d.]+ ms +ratio [\d.]+", out), out
     counts = re.search(r"operators per call: reference-style (\d+), ours (\d+)", out)
     assert counts and int(counts[2]) > 0 and int(counts[1]) > 0, out
 
 
-@pytest.mark.slow
-def test_train_throughput_synthetic_multicrop():
-    """Every path prints samples/s and the loss's share of its step."""
-    out = run_module("bench.train_throughput", "--device", "cpu", "--arch", "resnet10", "--batch", "16",
-                     "--steps", "1", "--warmup", "0", "--multicrop", "--sizes", "32", "16", "--compile-mode")
+def test_train_throughput_synthetic_multicrop(monkeypatch, capsys):
+    """Every path prints samples/s and the loss's share of its step (batch 16: the reference-style
+    loss's top-10 negatives need it)."""
+    from bench import train_throughput
+
+    out = run_bench(train_throughput.main, ["--device", "cpu", "--arch", "resnet10", "--width", "8", "--batch", "16",
+                                            "--steps", "1", "--warmup", "0", "--multicrop", "--sizes", "32", "16",
+                                            "--compile-mode"], monkeypatch, capsys)
     assert "views [32, 32, 16, 16, 16, 16, 16, 16]" in out
     rows = [line for line in out.splitlines() if "samples/s" in line]
     assert [r.split("  ")[0] for r in rows] == ["reference-style (fp16, NCHW)", "fp16, NCHW, our loss",
@@ -66,20 +83,25 @@ def test_bench_loader_times_real_shards(modes, recipe):
 
 
 @pytest.mark.slow
-def test_train_throughput_makes_shards_for_every_worker():
+def test_train_throughput_makes_shards_for_every_worker(monkeypatch, capsys):
     """`--make-shards N --workers W` (the device script's end-to-end run) writes enough shards for W
     workers to read shards of their own, and times a path on them."""
-    out = run_module("bench.train_throughput", "--device", "cpu", "--arch", "resnet10", "--batch", "12", "--steps", "1",
-                     "--warmup", "0", "--short", "--compile-mode", "--make-shards", "24", "--workers", "3")
+    from bench import train_throughput
+
+    out = run_bench(train_throughput.main, ["--device", "cpu", "--arch", "resnet10", "--width", "8", "--batch", "12",
+                                            "--steps", "1", "--warmup", "0", "--short", "--compile-mode",
+                                            "--make-shards", "12", "--workers", "3"], monkeypatch, capsys)
     assert re.search(r"reference-style \(fp16, NCHW\) +[\d.]+ samples/s", out), out
 
 
+@pytest.mark.compile
 @pytest.mark.slow
 def test_syncbn_compile_probe_runs():
-    """The SyncBatchNorm-under-compile probe (plain BatchNorm on the CPU) trains two gloo processes
-    eagerly and compiled and reports graphs, breaks, the gradient difference and step times."""
+    """The SyncBatchNorm-under-compile probe (plain BatchNorm on the CPU) trains DDP eagerly and
+    compiled and reports graphs, breaks, the gradient difference and step times. At its smallest: one
+    gloo process (each compiles the model; two processes under compile are the trainer's test)."""
     out = run_module("bench.syncbn_compile", "--device", "cpu", "--arch", "resnet10", "--batch", "4", "--size", "32",
-                     "--steps", "1")
+                     "--steps", "1", "--processes", "1")
     assert re.search(r"graphs compiled: [1-9]\d*, graph breaks: \d+", out), out
     diff = re.search(r"largest gradient difference, compiled - eager: ([\d.e+-]+) of the largest gradient", out)
     assert diff and float(diff[1]) < 1e-2, out
@@ -87,9 +109,13 @@ def test_syncbn_compile_probe_runs():
 
 
 @pytest.mark.slow
-def test_bench_gpu_augment_counts_operators():
-    out = run_module("bench.bench_gpu_augment", "--device", "cpu", "--batch-size", "4", "--batches", "1",
-                     "--workers", "1", "--recipes", "dino_multicrop", "--count-ops")
+def test_bench_gpu_augment_counts_operators(monkeypatch, capsys):
+    from bench import bench_gpu_augment
+
+    out = run_bench(lambda: bench_gpu_augment.main(sys.argv[1:]), ["--device", "cpu", "--batch-size", "4",
+                                                                    "--batches", "1", "--workers", "1", "--recipes",
+                                                                    "dino_multicrop", "--count-ops"],
+                    monkeypatch, capsys)
     line = re.search(r"dino_multicrop \(8 views\): decode \+ augment on cpu [\d.]+ samples/s; augment only "
                      r"\(decode_on: cpu\) [\d.]+ samples/s; (\d+) operators per batch; PIL on 1 processes "
                      r"[\d.]+ samples/s", out)
