@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from trainer.loggers import Sink, check_trackers, flatten
+from trainer.loggers import HTTP_BOUNDS, Sink, check_trackers, flatten
 from trainer.tracking import Tracker, TrackingError, loggable
 
 from .conftest import QUICKSTART, ROOT, TINY, only_run_dir, run_train, signal_after_steps
@@ -190,7 +190,7 @@ def test_trackers_are_imported_only_when_asked():
 
 
 def test_mlflow_http_retries_are_bounded_unless_set():
-    from trainer.loggers import HTTP_BOUNDS, bound_http_retries
+    from trainer.loggers import bound_http_retries
 
     environ = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "300"}
     bound_http_retries(environ)
@@ -257,11 +257,14 @@ def _free_port() -> int:
 
 @needs_mlflow
 @pytest.mark.slow
-def test_a_tracking_server_killed_mid_run_costs_one_warning(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 (MLFLOW_TRACKING_URI), killed during training: the run
-    finishes, with one warning, and metrics.jsonl is complete."""
+def test_a_tracking_server_killed_mid_run_costs_one_warning(tmp_path, monkeypatch):
+    """A real `mlflow server` on 127.0.0.1 (MLFLOW_TRACKING_URI). A run logged to it: MLflow's client
+    finds it there as metrics.jsonl holds it. Then a second run, the server killed during its
+    training: the run finishes, with one warning, and metrics.jsonl is complete."""
     import os
     import urllib.request
+
+    from mlflow.tracking import MlflowClient
 
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -280,6 +283,22 @@ def test_a_tracking_server_killed_mid_run_costs_one_warning(tmp_path):
                 time.sleep(0.5)
         else:
             pytest.skip("mlflow server did not start here (mlflow-skinny lacks the server's packages)")
+        uri = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        for name in HTTP_BOUNDS:  # the sink sets them in this process: unset again after the test
+            monkeypatch.delenv(name, raising=False)
+        logged = tmp_path / "logged"
+        assert run_train("--config", QUICKSTART, f"save_dir={logged}", "--device", "cpu", "--epochs", "1", *FAST,
+                         "--mlflow") == 0
+        run = only_run_dir(logged, "quickstart")
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert runs[0].data.params == flatten(yaml.safe_load((run / "config.yaml").read_text()))
+        expected = _expected(run)
+        assert set(runs[0].data.metrics) == set(expected)
+        _assert_same({k: _mlflow_history(client, runs[0].info.run_id, k) for k in expected}, expected)
+
         save_dir = tmp_path / "runs"
         # MLflow's HTTP retries as the sink bounds them (trainer/loggers.py: HTTP_BOUNDS)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
