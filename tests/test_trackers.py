@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from trainer.loggers import HTTP_BOUNDS, Sink, check_trackers, flatten
 from trainer.tracking import Tracker, TrackingError, loggable
+from utils.plots import plot_runs, read_run
 
 from .conftest import QUICKSTART, ROOT, TINY, only_run_dir, run_train, signal_after_steps
 
@@ -82,7 +84,9 @@ def test_mlflow_and_tensorboard_hold_what_metrics_jsonl_holds(tmp_path):
     expected = _expected(run)
     assert set(mlrun.data.metrics) == set(expected)
     _assert_same({k: _mlflow_history(client, mlrun.info.run_id, k) for k in expected}, expected)
-    assert {a.path for a in client.list_artifacts(mlrun.info.run_id)} == {"results.json", "config.yaml"}
+    assert {a.path for a in client.list_artifacts(mlrun.info.run_id)} == {"results.json", "config.yaml", "figures"}
+    figures = {Path(a.path).name for a in client.list_artifacts(mlrun.info.run_id, "figures")}
+    assert figures == {p.name for p in plot_runs([read_run(run)], tmp_path / "figures")} and "loss.png" in figures
     assert json.loads((run / "mlflow_run.json").read_text())["run_id"] == mlrun.info.run_id
     _assert_same(_tensorboard_scalars(run), expected, rel=1e-6)  # float32 in the events
     assert not (ROOT / "mlruns").exists()

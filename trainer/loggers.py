@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -175,6 +176,12 @@ class MlflowSink(Sink):
         for path in artifacts:
             if Path(path).is_file():
                 self.client.log_artifact(self.run_id, str(path))
+        if status == "FINISHED":  # the figures of `python -m utils.plots` for this run, under figures/
+            from utils.plots import plot_runs, read_run
+
+            with tempfile.TemporaryDirectory() as folder:
+                for figure in plot_runs([read_run(self.record.parent)], folder):
+                    self.client.log_artifact(self.run_id, str(figure), artifact_path="figures")
         self.client.set_terminated(self.run_id, status=status)
 
 
