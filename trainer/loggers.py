@@ -173,16 +173,19 @@ class MlflowSink(Sink):
                 self.last_steps[metric.key] = step
 
     def _close(self, status: str, artifacts: tuple[Path, ...]) -> None:
-        for path in artifacts:
-            if Path(path).is_file():
-                self.client.log_artifact(self.run_id, str(path))
-        if status == "FINISHED":  # the figures of `python -m utils.plots` for this run, under figures/
-            from utils.plots import plot_runs, read_run
+        try:
+            for path in artifacts:
+                if Path(path).is_file():
+                    self.client.log_artifact(self.run_id, str(path))
+            run_dir = self.record.parent
+            if status == "FINISHED" and (run_dir / "metrics.jsonl").is_file():
+                from utils.plots import plot_runs, read_run  # the figures of `python -m utils.plots`
 
-            with tempfile.TemporaryDirectory() as folder:
-                for figure in plot_runs([read_run(self.record.parent)], folder):
-                    self.client.log_artifact(self.run_id, str(figure), artifact_path="figures")
-        self.client.set_terminated(self.run_id, status=status)
+                with tempfile.TemporaryDirectory() as folder:
+                    for figure in plot_runs([read_run(run_dir)], folder):
+                        self.client.log_artifact(self.run_id, str(figure), artifact_path="figures")
+        finally:  # an artifact that fails (the one warning) leaves no run RUNNING
+            self.client.set_terminated(self.run_id, status=status)
 
 
 # MLflow's HTTP defaults (7 retries with backoff factor 2, 120 s timeouts) can hold one logging call
