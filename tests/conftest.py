@@ -30,6 +30,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import eval as eval_entry  # noqa: E402
 import train as train_entry  # noqa: E402
@@ -114,6 +115,18 @@ def run_train(*argv: str) -> int:
 
 def run_eval(*argv: str) -> int:
     return eval_entry.main([str(a) for a in argv])
+
+
+def run_bench(main, argv: list[str], monkeypatch, capsys) -> str:
+    """A bench's `main` run in this process as `python -m bench.<name> *argv` runs it (its import
+    and torch's already paid); what it printed. The process's random state and cuDNN setting are
+    restored after."""
+    monkeypatch.setattr(sys, "argv", ["bench", *argv])
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    capsys.readouterr()
+    with torch.random.fork_rng(devices=[]):
+        main()
+    return capsys.readouterr().out
 
 
 def only_run_dir(save_dir: Path, name: str) -> Path:

@@ -11,25 +11,13 @@ import torch
 from bench.bench_loss import ReferenceStyleGroCo
 from model.loss import GroCo
 
-from .conftest import ROOT
+from .conftest import ROOT, run_bench
 
 
 def run_module(*argv: str) -> str:
     done = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
-
-
-def run_bench(main, argv: list[str], monkeypatch, capsys) -> str:
-    """A bench's `main` run in this process as `python -m bench.<name> *argv` runs it (its import
-    and torch's already paid); what it printed. The process's random state and cuDNN setting are
-    restored after."""
-    monkeypatch.setattr(sys, "argv", ["bench", *argv])
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
-    capsys.readouterr()
-    with torch.random.fork_rng(devices=[]):
-        main()
-    return capsys.readouterr().out
 
 
 @pytest.mark.parametrize("n_views,n_pos", [(2, 2), (3, 3), (8, 2)])

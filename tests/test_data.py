@@ -43,7 +43,7 @@ from utils.config import ConfigError, build_block, check_block
 from utils.dist import free_port
 from utils.registry import DATALOADERS
 
-from .conftest import signal_after_steps
+from .conftest import run_bench, signal_after_steps
 
 GRAY = (55, 55, 55)  # off the colour grid below
 
@@ -855,14 +855,10 @@ def test_train_throughput_bench_reads_real_shards(data, monkeypatch, capsys):
     (batch 12: the reference-style loss's top-10 negatives need it)."""
     from bench import train_throughput
 
-    monkeypatch.setattr(sys, "argv", ["train_throughput", "--device", "cpu", "--arch", "resnet10", "--width", "8",
-                                      "--batch", "12", "--steps", "1", "--warmup", "0", "--compile-mode", "--workers",
-                                      "1", "--shards", data.pattern("train"), "--dataset-size", "24", "--shuffle", "8"])
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # the bench sets it
-    capsys.readouterr()
-    with torch.random.fork_rng(devices=[]):
-        train_throughput.main()
-    stdout = capsys.readouterr().out
+    stdout = run_bench(train_throughput.main, ["--device", "cpu", "--arch", "resnet10", "--width", "8", "--batch", "12",
+                                               "--steps", "1", "--warmup", "0", "--compile-mode", "--workers", "1",
+                                               "--shards", data.pattern("train"), "--dataset-size", "24",
+                                               "--shuffle", "8"], monkeypatch, capsys)
     rows = [line for line in stdout.splitlines() if "samples/s" in line]
     assert len(rows) == 5 and rows[0].startswith("reference-style") and "of the step" not in stdout
     feeds = [r.split("  ")[0].rsplit(", ", 1)[-1] for r in rows[1:]]

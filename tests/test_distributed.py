@@ -3,7 +3,6 @@ torchrun launch path of the README runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -29,6 +28,7 @@ from utils.rng import resolve_seed
 from utils.schema import validate
 
 from .conftest import GENTLE_LR, QUICKSTART, ROOT, TINY, copy_run, only_run_dir
+from .test_trackers import HAVE_MLFLOW, HAVE_TENSORBOARD
 
 BATCH, DIM = 12, 16
 LOSSES = {
@@ -137,10 +137,6 @@ def test_slurm_variables_are_read(monkeypatch):
         init_process(True, 2, "env://", "cpu", None)
     with pytest.raises(LaunchError, match="needs MASTER_ADDR and MASTER_PORT"):
         init_process(True, 3, "env://", "cpu", None)
-
-
-HAVE_MLFLOW = all(importlib.util.find_spec(m) for m in ("mlflow", "sqlalchemy", "alembic"))
-HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 @pytest.mark.slow
