@@ -2,7 +2,6 @@
 GroCo they time against ours computes the same loss. They print figures; nothing here times."""
 
 import re
-import subprocess
 import sys
 
 import pytest
@@ -11,13 +10,7 @@ import torch
 from bench.bench_loss import ReferenceStyleGroCo
 from model.loss import GroCo
 
-from .conftest import ROOT, run_bench
-
-
-def run_module(*argv: str) -> str:
-    done = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+from .conftest import QUICKSTART, TINY, run_bench
 
 
 @pytest.mark.parametrize("n_views,n_pos", [(2, 2), (3, 3), (8, 2)])
@@ -84,12 +77,16 @@ def test_train_throughput_makes_shards_for_every_worker(monkeypatch, capsys):
 
 @pytest.mark.compile
 @pytest.mark.slow
-def test_syncbn_compile_probe_runs():
+def test_syncbn_compile_probe_runs(monkeypatch, capsys):
     """The SyncBatchNorm-under-compile probe (plain BatchNorm on the CPU) trains DDP eagerly and
     compiled and reports graphs, breaks, the gradient difference and step times. At its smallest: one
-    gloo process (each compiles the model; two processes under compile are the trainer's test)."""
-    out = run_module("bench.syncbn_compile", "--device", "cpu", "--arch", "resnet10", "--batch", "4", "--size", "32",
-                     "--steps", "1", "--processes", "1")
+    gloo process (each compiles the model; two processes under compile are the trainer's test), on
+    the model, batch and mode of `test_compile_computes_the_same`, whose graphs it finds compiled."""
+    from bench import syncbn_compile
+
+    out = run_bench(syncbn_compile.main, ["--device", "cpu", "--config", str(QUICKSTART), *TINY, "--mode",
+                                          "reduce-overhead", "--batch", "128", "--size", "16", "--steps", "1",
+                                          "--processes", "1"], monkeypatch, capsys)
     assert re.search(r"graphs compiled: [1-9]\d*, graph breaks: \d+", out), out
     diff = re.search(r"largest gradient difference, compiled - eager: ([\d.e+-]+) of the largest gradient", out)
     assert diff and float(diff[1]) < 1e-2, out

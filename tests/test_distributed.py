@@ -189,12 +189,14 @@ def test_torchrun_two_processes_on_the_cpu(tmp_path):
 @pytest.mark.slow
 def test_torchrun_with_compile_trains_like_eager(tmp_path):
     """trainer.compile under DDP (torch.compile splits the graph at DDP's gradient buckets): two
-    torchrun processes give the step losses of the same run uncompiled. PyTorch's warning 'Grad
+    torchrun processes give the step losses of the same run uncompiled. In the CUDA-graph mode, 128
+    images a process: the model's graphs are then `test_compile_computes_the_same`'s, in inductor's
+    cache when it ran first; the loss's, which gather across processes, are compiled here. PyTorch's warning 'Grad
     strides do not match bucket view strides' for the 1x1 convolutions is a false alarm (README)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     losses = {}
-    for mode in ("false", "true"):
+    for mode in ("false", "reduce-overhead"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                "--distributed", "--world-size", "2", "--config", str(QUICKSTART), "--epochs", "1", "evaluator=null",
                "trainer.init_val=false", *TINY, *GENTLE_LR, f"trainer.compile={mode}",
@@ -205,8 +207,9 @@ def test_torchrun_with_compile_trains_like_eager(tmp_path):
         losses[mode] = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"loss"' in line]
     # The loss after one update tells a wrong gradient (a doubled one would move it by about 0.5%);
     # later steps drift apart by up to 0.06% (float rounding).
-    assert len(losses["true"]) == 5 and losses["true"][:2] == pytest.approx(losses["false"][:2], rel=1e-5)
-    assert losses["true"] == pytest.approx(losses["false"], rel=1e-3)
+    compiled = losses["reduce-overhead"]
+    assert len(compiled) == 5 and compiled[:2] == pytest.approx(losses["false"][:2], rel=1e-5)
+    assert compiled == pytest.approx(losses["false"], rel=1e-3)
 
 
 def _launch_pair(argv: list[str], port: int, **extra_env: str) -> list[subprocess.Popen]:

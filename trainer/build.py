@@ -50,11 +50,15 @@ def build_encoder(exp: ExperimentConfig) -> nn.Module:
     return build_block(exp.encoder, ENCODERS)
 
 
+def build_network(exp: ExperimentConfig) -> SSLModel:
+    """Encoder + head of the config, on the CPU, in float32."""
+    encoder = build_encoder(exp)
+    return SSLModel(encoder, build_block(exp.projection, PROJECTIONS, input_dim=encoder.feature_dim))
+
+
 def build_model(exp: ExperimentConfig, proc: ProcessInfo) -> nn.Module:
     """Encoder + head on the process's device; under DDP with SyncBatchNorm on CUDA."""
-    encoder = build_encoder(exp)
-    head = build_block(exp.projection, PROJECTIONS, input_dim=encoder.feature_dim)
-    net: nn.Module = SSLModel(encoder, head)
+    net: nn.Module = build_network(exp)
     if proc.distributed and proc.device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     elif proc.distributed:
