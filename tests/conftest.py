@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ import torch  # noqa: E402
 
 import eval as eval_entry  # noqa: E402
 import train as train_entry  # noqa: E402
+from utils.dist import free_port  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +137,37 @@ def run_bench(main, argv: list[str], monkeypatch, capsys) -> str:
     with torch.random.fork_rng(devices=[]):
         main()
     return capsys.readouterr().out
+
+
+def fork_ranks(argv: list, world_size: int = 2, timeout: float = 300) -> list[int]:
+    """`train.py --distributed --world-size N *argv` as N processes forked from this one, each with
+    the variables torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on
+    127.0.0.1): a one-node launch without a fresh interpreter a process (torch's and torchvision's
+    imports, some 5 CPU-seconds each). For runs whose launch is not what a test checks. Returns
+    the exit codes."""
+    port, context = free_port(), multiprocessing.get_context("fork")
+    procs = [context.Process(target=_forked_rank, args=(rank, world_size, port, [str(a) for a in argv]))
+             for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    deadline = time.time() + timeout
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.time()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return [proc.exitcode for proc in procs]
+
+
+def _forked_rank(rank: int, world_size: int, port: int, argv: list[str]) -> None:
+    # one thread: a forked process must not run OpenMP threads its parent may have run (it can hang)
+    torch.set_num_threads(1)
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        del os.environ[name]
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    sys.exit(run_train("--distributed", "--world-size", str(world_size), *argv))
 
 
 def only_run_dir(save_dir: Path, name: str) -> Path:

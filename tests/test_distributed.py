@@ -27,7 +27,7 @@ from utils.dist import LaunchError, ProcessInfo, free_port, init_process
 from utils.rng import resolve_seed
 from utils.schema import validate
 
-from .conftest import GENTLE_LR, QUICKSTART, ROOT, TINY, copy_run, only_run_dir
+from .conftest import GENTLE_LR, QUICKSTART, ROOT, TINY, copy_run, fork_ranks, only_run_dir
 from .test_trackers import HAVE_MLFLOW, HAVE_TENSORBOARD
 
 BATCH, DIM = 12, 16
@@ -189,27 +189,28 @@ def test_torchrun_two_processes_on_the_cpu(tmp_path):
 @pytest.mark.slow
 def test_torchrun_with_compile_trains_like_eager(tmp_path):
     """trainer.compile under DDP (torch.compile splits the graph at DDP's gradient buckets): two
-    torchrun processes give the step losses of the same run uncompiled. In the CUDA-graph mode, 128
-    images a process: the model's graphs are then `test_compile_computes_the_same`'s, in inductor's
-    cache when it ran first; the loss's, which gather across processes, are compiled here. PyTorch's warning 'Grad
-    strides do not match bucket view strides' for the 1x1 convolutions is a false alarm (README)."""
+    torchrun processes give the step losses of the same run uncompiled (two forked processes: its
+    launch is not under test). In the CUDA-graph mode, 128 images a process: the model's graphs are
+    then `test_compile_computes_the_same`'s, in inductor's cache when it ran first; the loss's, which
+    gather across processes, are compiled here. PyTorch's warning 'Grad strides do not match bucket
+    view strides' for the 1x1 convolutions is a false alarm (README)."""
+    args = ["--config", QUICKSTART, "--epochs", "1", "evaluator=null", "trainer.init_val=false", *TINY, *GENTLE_LR]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    losses = {}
-    for mode in ("false", "reduce-overhead"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               "--distributed", "--world-size", "2", "--config", str(QUICKSTART), "--epochs", "1", "evaluator=null",
-               "trainer.init_val=false", *TINY, *GENTLE_LR, f"trainer.compile={mode}",
-               f"save_dir={tmp_path / mode}"]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        run = only_run_dir(tmp_path / mode, "quickstart")
-        losses[mode] = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"loss"' in line]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--distributed", "--world-size", "2", *map(str, args), "trainer.compile=reduce-overhead",
+           f"save_dir={tmp_path / 'compiled'}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert fork_ranks([*args, f"save_dir={tmp_path / 'eager'}"]) == [0, 0]
+    losses = {mode: [json.loads(line)["loss"] for line in open(only_run_dir(tmp_path / mode, "quickstart") /
+                                                                  "metrics.jsonl") if '"loss"' in line]
+              for mode in ("eager", "compiled")}
     # The loss after one update tells a wrong gradient (a doubled one would move it by about 0.5%);
     # later steps drift apart by up to 0.06% (float rounding).
-    compiled = losses["reduce-overhead"]
-    assert len(compiled) == 5 and compiled[:2] == pytest.approx(losses["false"][:2], rel=1e-5)
-    assert compiled == pytest.approx(losses["false"], rel=1e-3)
+    eager, compiled = losses["eager"], losses["compiled"]
+    assert len(compiled) == 5 and compiled[:2] == pytest.approx(eager[:2], rel=1e-5)
+    assert compiled == pytest.approx(eager, rel=1e-3)
 
 
 def _launch_pair(argv: list[str], port: int, **extra_env: str) -> list[subprocess.Popen]:
@@ -264,9 +265,10 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
     assert 0 < ckpt["epoch_step"] < 5 and ckpt["step"] < 15
     assert calls.read_text().splitlines() == [f"requeue 4242 {(run / 'latest_model.pth').stat().st_mtime_ns}"]
 
-    _wait(_launch_pair(["--resume", str(run / "latest_model.pth")], free_port()))
+    # the resumed and the uninterrupted runs: two forked processes (their launch is not under test)
+    assert fork_ranks(["--resume", run / "latest_model.pth"]) == [0, 0]
     straight = tmp_path / "straight"
-    _wait(_launch_pair([*base, f"save_dir={straight}"], free_port()))
+    assert fork_ranks([*base, f"save_dir={straight}"]) == [0, 0]
     a = load_checkpoint(run / "latest_model.pth")
     b = load_checkpoint(only_run_dir(straight, "quickstart") / "latest_model.pth")
     assert a["step"] == b["step"] == 15
@@ -284,7 +286,7 @@ def test_two_processes_log_the_loss_of_the_global_batch(tmp_path, trained_run):
     loss on the two halves together."""
     run = copy_run(trained_run, tmp_path)  # one epoch of the TINY model, every step logged
     checkpoint = load_checkpoint(run / "latest_model.pth")
-    _wait(_launch_pair(["--resume", str(run / "latest_model.pth"), "--epochs", "2"], free_port()))
+    assert fork_ranks(["--resume", run / "latest_model.pth", "--epochs", "2"]) == [0, 0]
     steps = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
     logged = [s for s in steps if s["epoch"] == 1]
 

@@ -22,7 +22,7 @@ from utils.dist import (
     local_device_index,
 )
 
-from .conftest import QUICKSTART, ROOT, only_run_dir
+from .conftest import QUICKSTART, ROOT, fork_ranks, only_run_dir
 from .conftest import TINY as TINY_MODEL
 
 SCRIPT = ROOT / "scripts" / "slurm" / "groco_multinode.sbatch"
@@ -52,12 +52,10 @@ def finish(procs: list[subprocess.Popen]) -> None:
 
 @pytest.fixture(scope="module")
 def one_agent_losses(tmp_path_factory) -> list[float]:
-    """The step losses of one torchrun agent with two processes."""
+    """The step losses of two processes on one node, as one torchrun agent starts them (forked from
+    this process, with torchrun's variables: `conftest.fork_ranks`)."""
     save_dir = tmp_path_factory.mktemp("one_agent")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           "--distributed", "--world-size", "2", *TINY, f"save_dir={save_dir}"]
-    finish([subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)])
+    assert fork_ranks([*TINY, f"save_dir={save_dir}"]) == [0, 0]
     losses = step_losses(save_dir)
     assert len(losses) == 2
     return losses
