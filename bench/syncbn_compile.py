@@ -71,11 +71,11 @@ def probe(rank: int, args: argparse.Namespace) -> None:
     ids = [device] if device.type == "cuda" else None
     eager = nn.parallel.DistributedDataParallel(net, device_ids=ids)
     compiled_ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(net), device_ids=ids)
+    torch._dynamo.reset()  # graphs that this process compiled before would be reused, and not counted
     compiled = torch.compile(compiled_ddp, mode=args.mode)
     gen = torch.Generator().manual_seed(rank)
     views = [torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(device) for _ in range(2)]
 
-    torch._dynamo.reset()  # graphs that this process compiled before would be reused, and not counted
     torch._dynamo.utils.counters.clear()
     train_step(eager, views)
     train_step(compiled, views)
@@ -87,8 +87,7 @@ def probe(rank: int, args: argparse.Namespace) -> None:
     if rank == 0:
         norm = "SyncBatchNorm" if device.type == "cuda" else "BatchNorm (CPU: no SyncBatchNorm)"
         print(f"{args.config or args.arch}, {norm}, torch.compile mode {args.mode}, DDP over {args.processes} "
-              f"gloo processes on {device}, "
-              f"batch {args.batch} x 2 views of {args.size} per process")
+              f"gloo processes on {device}, batch {args.batch} x 2 views of {args.size} per process")
         print(f"graphs compiled: {counters['stats']['unique_graphs']}, "
               f"graph breaks: {sum(counters['graph_break'].values())}")
         for reason, count in sorted(counters["graph_break"].items(), key=lambda kv: -kv[1])[:5]:
@@ -99,13 +98,27 @@ def probe(rank: int, args: argparse.Namespace) -> None:
 
 def network(args: argparse.Namespace) -> nn.Module:
     """The model to probe, on the CPU: the config's encoder and head, or --arch's ResNet."""
-    if args.config is None:
+    if args.experiment is None:
         return build(args.arch, False, torch.device("cpu"))
     from trainer.build import build_network
-    from utils.config import apply_overrides, load_config
+
+    return build_network(args.experiment)
+
+
+def experiment(args: argparse.Namespace):
+    """--config with its changes, validated (None without --config); a bad one exits naming it."""
+    if args.config is None:
+        if args.overrides:
+            raise SystemExit(f"overrides {args.overrides} need --config")
+        return None
+    import trainer.build  # noqa: F401  (registers the types a config names)
+    from utils.config import ConfigError, apply_overrides, load_config
     from utils.schema import validate
 
-    return build_network(validate(apply_overrides(load_config(args.config), args.overrides)))
+    try:
+        return validate(apply_overrides(load_config(args.config), args.overrides))
+    except ConfigError as err:
+        raise SystemExit(f"{args.config}: {err}") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -125,8 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.overrides and args.config is None:
-        raise SystemExit(f"overrides {args.overrides} need --config")
+    args.experiment = experiment(args)  # once, before any process starts
     if args.processes < 1:
         raise SystemExit(f"--processes must be at least 1, got {args.processes}")
     if args.processes == 1:  # in this process: nothing to spawn
