@@ -15,6 +15,7 @@ import yaml
 
 from trainer.loggers import HTTP_BOUNDS, Sink, check_trackers, flatten
 from trainer.tracking import Tracker, TrackingError, loggable
+from utils.dist import free_port
 from utils.plots import plot_runs, read_run
 
 from .conftest import QUICKSTART, ROOT, TINY, only_run_dir, run_train, signal_after_steps
@@ -251,14 +252,6 @@ def test_a_hard_kill_after_the_checkpoint_writes_no_point_twice(tmp_path):
     assert scalars["epoch/train_loss"] == [(4, 9.0)]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_mlflow
 @pytest.mark.slow
 def test_a_tracking_server_killed_mid_run_costs_one_warning(tmp_path, monkeypatch):
@@ -270,7 +263,7 @@ def test_a_tracking_server_killed_mid_run_costs_one_warning(tmp_path, monkeypatc
 
     from mlflow.tracking import MlflowClient
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
         ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
